@@ -1,0 +1,56 @@
+"""Atomic file writes, and checkpoints that load without unpickling arbitrary objects."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from dnnlab.errors import DnnlabError
+
+FORMAT = "dnnlab-checkpoint/1"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old version readable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DnnlabError(f"cannot write {path}: {e.strerror or e}; earlier files are intact") from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a dnnlab checkpoint with weights_only=True: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DnnlabError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DnnlabError(f"{path}: refused to load, it holds objects other than tensors and plain data "
+                          f"({str(e).splitlines()[0][:120]}); only dnnlab checkpoints are accepted") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise DnnlabError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DnnlabError(f"{path}: not a dnnlab checkpoint (no '{FORMAT}' marker)")
+    return state

@@ -1,0 +1,171 @@
+"""MNIST / Fashion-MNIST: find the IDX files, read and validate them, and cut the splits as device tensors."""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dnnlab.errors import DnnlabError, bad_value
+
+# torchvision's folder name for each dataset, and places where operating systems install a copy.
+FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+SYSTEM_COPIES = {"mnist": [], "fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+COUNTS = {"train": 60000, "test": 10000}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803: ubyte, 3 dims; 0x00000801: ubyte, 1 dim
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dnnlab"
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _complete(folder: Path) -> bool:
+    return all(_find_file(folder, stem) for pair in FILES.values() for stem in pair)
+
+
+def candidate_folders(name: str, root: str | None) -> list[Path]:
+    """Where to look, in order: data.root, $DNNLAB_DATA, the user cache, system copies."""
+    roots = [Path(r).expanduser() for r in (root, os.environ.get("DNNLAB_DATA")) if r]
+    roots.append(cache_dir())
+    folders = []
+    for r in roots:  # torchvision's layout ROOT/MNIST/raw, or the four files right in ROOT
+        folders += [r / FOLDERS[name] / "raw", r]
+    return folders + SYSTEM_COPIES[name]
+
+
+def locate(name: str, root: str | None = None, download: bool = True) -> Path:
+    """The folder holding the four IDX files of `name`, downloading them with torchvision if nowhere else."""
+    if name not in FOLDERS:
+        raise bad_value("data.name", name, f"one of {sorted(FOLDERS)}")
+    tried = candidate_folders(name, root)
+    for folder in tried:
+        if _complete(folder):
+            return folder
+    if download:
+        target = cache_dir()
+        try:
+            import torchvision.datasets as tvd
+
+            cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+            cls(str(target), train=True, download=True)
+            cls(str(target), train=False, download=True)
+        except Exception as e:  # no network, a mirror down, a checksum mismatch: all end in the same advice
+            tried.append(Path(f"torchvision download into {target} ({type(e).__name__}: {str(e).splitlines()[0][:80]})"))
+        else:
+            return target / FOLDERS[name] / "raw"
+    hint = "set data.root or $DNNLAB_DATA to a folder with the four IDX files"
+    if name == "fashion_mnist":
+        hint += " (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
+    raise DnnlabError(f"{name} not found; tried: {', '.join(map(str, tried))}; {hint}")
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read one IDX file (optionally gzipped), checking magic number, dimensions and size."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # truncated gzip streams raise EOFError, corrupt ones BadGzipFile (OSError)
+        raise DnnlabError(f"{path}: cannot read ({e}); the file is truncated or corrupt, fetch it again") from None
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
+        found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise DnnlabError(f"{path}: bad magic number {found} (expected {magic}); not an IDX file of this kind")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    header = 4 + 4 * ndim
+    if len(raw) != header + int(np.prod(dims)):
+        raise DnnlabError(f"{path}: {len(raw) - header} data bytes for dimensions {dims}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    img_stem, lbl_stem = FILES[split]
+    images = read_idx(_find_file(folder, img_stem), IMAGE_MAGIC)
+    labels = read_idx(_find_file(folder, lbl_stem), LABEL_MAGIC)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DnnlabError(f"{folder / img_stem}: images of shape {images.shape[1:]}, expected 28x28")
+    if len(images) != len(labels):
+        raise DnnlabError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DnnlabError(f"{folder / lbl_stem}: label {labels.max()} outside 0-9")
+    return images, labels
+
+
+@dataclass
+class Splits:
+    """Every split as one tensor on the training device: x float32 (n, 784), y int64 (n,)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[int]
+    source: str
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def _per_class(y: np.ndarray, n: int, rng: np.random.Generator, key: str) -> np.ndarray:
+    """Indices of n examples of every class present, drawn without replacement, in their original order."""
+    picks = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if n > len(idx):
+            raise bad_value(key, n, f"at most {len(idx)} (the examples of class {c} in this split)")
+        picks.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def load(cfg, device: torch.device) -> Splits:
+    """Read, split (last val_size training images for validation), filter classes, subsample, standardize."""
+    folder = locate(cfg.name, cfg.root)
+    x_full, y_full = read_split(folder, "train")
+    x_test, y_test = read_split(folder, "test")
+    if not 1 <= cfg.val_size < len(x_full):
+        raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1}")
+    cut = len(x_full) - cfg.val_size
+    parts = {"train": (x_full[:cut], y_full[:cut]), "val": (x_full[cut:], y_full[cut:]), "test": (x_test, y_test)}
+
+    classes = list(cfg.classes) if cfg.classes is not None else list(range(10))
+    relabel = np.full(10, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    rng = np.random.default_rng(cfg.seed)
+    for split, (x, y) in parts.items():
+        keep = np.flatnonzero(relabel[y] >= 0)
+        n = {"train": cfg.n_per_class, "val": cfg.val_per_class}.get(split)
+        if n is not None:
+            keep = keep[_per_class(y[keep], n, rng, f"data.{'n' if split == 'train' else 'val'}_per_class")]
+        if len(keep) == 0:
+            raise bad_value("data.classes", classes, f"classes with examples in the {split} split")
+        parts[split] = (x[keep], relabel[y[keep]])
+
+    def tensor(x):  # pixels to [0, 1] floats on the device in one go
+        return torch.as_tensor(x.reshape(len(x), -1)).to(device=device, dtype=torch.float32).div_(255.0)
+
+    xs = {s: tensor(x) for s, (x, _) in parts.items()}
+    if cfg.standardize != "none":  # statistics from the training split only, so nothing leaks from val/test
+        dims = None if cfg.standardize == "global" else 0
+        mean = xs["train"].mean() if dims is None else xs["train"].mean(0)
+        std = xs["train"].std() if dims is None else xs["train"].std(0)
+        std = std.clamp_min(1e-6)  # MNIST's border pixels are always 0
+        xs = {s: (x - mean) / std for s, x in xs.items()}
+    ys = {s: torch.as_tensor(y).to(device) for s, (_, y) in parts.items()}
+    return Splits(xs["train"], ys["train"], xs["val"], ys["val"], xs["test"], ys["test"], classes, str(folder))

@@ -1,0 +1,68 @@
+"""The multilayer perceptron built from the model, activation, norm, init and regularizer groups."""
+from functools import partial
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dnnlab.init import apply_init, variance_scaling
+
+IN_FEATURES = 28 * 28
+
+
+def widths(model: DictConfig) -> list[int]:
+    n = model.n_neurons
+    return [int(w) for w in n] if OmegaConf.is_list(n) else [int(n)] * model.n_hidden
+
+
+def dropout_spec(reg: DictConfig):
+    """(layer class, settings) of the configured dropout flavour, or None."""
+    for key, cls in (("dropout", nn.Dropout), ("alpha_dropout", nn.AlphaDropout)):
+        if reg.get(key) and reg[key].rate > 0:
+            return cls, reg[key]
+    return None
+
+
+def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
+    """Flatten -> [input BN] -> n x [Linear -> (norm) -> act -> (norm) -> (dropout)] -> Linear (logits)."""
+    norm, hidden = cfg.norm, widths(cfg.model)
+    make_act = instantiate(cfg.activation)
+    drop = dropout_spec(cfg.regularizer)
+    first_dropped = len(hidden) - (drop[1].top_k if drop and drop[1].top_k is not None else len(hidden))
+
+    layers: list[nn.Module] = [nn.Flatten()]
+    if norm.input:
+        layers.append(nn.BatchNorm1d(IN_FEATURES, momentum=norm.momentum, eps=norm.eps))
+    if drop and drop[1].input:
+        layers.append(drop[0](drop[1].rate))
+    linears, n_in = [], IN_FEATURES
+    for i, width in enumerate(hidden):
+        norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")),
+                      "layer": nn.LayerNorm}.get(norm.kind)
+        before = norm_layer is not None and norm.position == "before"
+        linear = nn.Linear(n_in, width, bias=not before)  # a norm layer's shift makes the bias redundant
+        act = make_act(num_parameters=width) if make_act.func is nn.PReLU else make_act()  # Keras: a slope per unit
+        block = [linear, act]
+        if norm_layer is not None:
+            block.insert(1 if before else 2, norm_layer(width, eps=norm.eps))
+        if drop and i >= first_dropped:
+            block.append(drop[0](drop[1].rate))
+        layers += block
+        linears.append(linear)
+        n_in = width
+    out = nn.Linear(n_in, n_classes)
+    layers.append(out)
+    apply_init(linears, cfg.init)
+    variance_scaling(out.weight, 1.0, "fan_avg", "uniform")  # Keras' default (Glorot uniform), as the book's output layer
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers)
+
+
+def weight_matrices(model: nn.Module) -> list:
+    """The kernels of every Linear layer (what Keras' kernel_regularizer sees); biases excluded."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def hidden_linears(model: nn.Module) -> list[nn.Linear]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[:-1]

@@ -1,0 +1,116 @@
+"""What a run leaves behind: metrics.csv, TensorBoard events, summary.json, environment.json, learning curves."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from dnnlab.checkpoint import atomic_write
+from dnnlab.errors import DnnlabError
+
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+class Recorder:
+    """Appends one complete metrics row per epoch to metrics.csv and TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        try:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.csv_path = self.run_dir / "metrics.csv"
+            if not self.csv_path.exists():
+                self._append(",".join(COLUMNS) + "\n")
+        except OSError as e:
+            raise DnnlabError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}") from None
+        from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
+
+        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _append(self, text: str) -> None:
+        with open(self.csv_path, "a") as f:  # one write of a whole row, flushed to disk
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def log_epoch(self, row: dict) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow([row[c] for c in COLUMNS])
+        self._append(buffer.getvalue())
+        for key in COLUMNS[1:]:
+            self.tb.add_scalar(key, row[key], row["epoch"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Everything needed to tell two runs' machines and software apart."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "git_commit": commit,
+        "packages": {p: _version(p) for p in ("dnnlab", "torch", "torchvision", "hydra-core", "omegaconf",
+                                              "numpy", "rich", "matplotlib", "tensorboard")},
+    }
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    """The book's history plot: loss and accuracy, training against validation, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label=f"train_{metric}")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "o-", label=f"val_{metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
+        ax.grid(True)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())

@@ -1,0 +1,243 @@
+"""`dnnlab train`: the Hydra application, and the training loop that reads top to bottom."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dnnlab import CONF_DIR, checkpoint, validate
+from dnnlab.data import Splits, load
+from dnnlab.errors import DnnlabError
+from dnnlab.model import build_mlp, widths
+from dnnlab.optim import GradientRules, build_optimizer, set_momentum
+from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
+from dnnlab.schedule import build_schedule
+from dnnlab.ui import Progress, error, print_summary
+
+log = logging.getLogger("dnnlab")
+
+
+class Diverged(Exception):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_threads(setting, cfg: DictConfig) -> int:
+    """Small batches of small networks run faster on one thread: splitting a 32x100 matmul costs more than it saves."""
+    if setting != "auto":
+        return setting
+    widest = max(widths(cfg.model), default=1)
+    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else (os.cpu_count() or 1)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)  # model init, dropout and RReLU draw from the global generators
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
+        torch.use_deterministic_algorithms(True)
+
+
+def restrict(data: Splits, t: DictConfig) -> None:
+    """debug=smoke keeps the first batches of every split; debug=overfit trains and validates on the same ones."""
+    if t.overfit_batches:
+        n = t.overfit_batches * t.batch_size
+        data.x_train, data.y_train = data.x_train[:n], data.y_train[:n]
+        data.x_val, data.y_val = data.x_train, data.y_train
+    if t.limit_batches:
+        n = t.limit_batches * t.batch_size
+        for split in ("train", "val", "test"):
+            setattr(data, f"x_{split}", getattr(data, f"x_{split}")[:n])
+            setattr(data, f"y_{split}", getattr(data, f"y_{split}")[:n])
+
+
+@torch.no_grad()
+def evaluate(model, x, y, autocast, chunk: int = 8192) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split, in large chunks, with one device sync at the end."""
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(x), chunk):
+        with autocast:
+            logits = model(x[i:i + chunk]).float()
+        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + chunk]).sum()
+    model.train()
+    return loss.item() / len(x), correct.item() / len(x)
+
+
+class EarlyStopping:
+    """Keras' EarlyStopping: stop after `patience` epochs without improvement; remember the best weights."""
+
+    def __init__(self, cfg: DictConfig):
+        self.monitor, self.patience = cfg.monitor, cfg.patience
+        self.sign = -1 if self.monitor == "val_acc" else 1  # minimise val_loss, maximise val_acc
+        self.best, self.best_epoch, self.bad_epochs, self.best_state = math.inf, 0, 0, None
+
+    def update(self, row: dict, model) -> bool:
+        """True if this epoch is the best so far (its weights are kept)."""
+        value = self.sign * row[self.monitor or "val_loss"]
+        if value < self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, row["epoch"], 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.monitor is not None and self.bad_epochs >= self.patience
+
+    @property
+    def best_value(self) -> float:
+        return self.sign * self.best
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train one configured network; write every output into run_dir; return the summary."""
+    validate.check(cfg)
+    t = cfg.trainer
+    device = pick_device(t.device)
+    torch.set_num_threads(pick_threads(t.threads, cfg))
+    seed_everything(t.seed, t.deterministic)
+    if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
+        log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
+                    cfg.activation._target_.rsplit(".", 1)[-1])
+
+    data = load(cfg.data, device)
+    restrict(data, t)
+    log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
+             len(data.x_train), len(data.x_val), len(data.x_test))
+    model = build_mlp(cfg, data.n_classes).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model, device)
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    n, bs = len(data.x_train), t.batch_size
+    steps_per_epoch = math.ceil(n / bs) - (n % bs == 1 and n > 1)  # a lone last example would break BatchNorm
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.epochs * steps_per_epoch, steps_per_epoch)
+    stopper = EarlyStopping(t.early_stopping)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    check_every = 1 if device.type == "cpu" else 100  # a finiteness check syncs; on CUDA do it rarely
+    recorder = Recorder(run_dir)
+    write_json(run_dir / "environment.json", environment(device))
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+
+    def save(name: str, epoch: int, step: int) -> None:
+        checkpoint.save(run_dir / "checkpoints" / name, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "epoch": epoch, "step": step, "config": config_text, "classes": list(data.classes)})
+
+    rows, status, reason, step, epoch = [], "completed", None, 0, 0
+    with Progress(t.epochs, steps_per_epoch, enabled=t.progress) as progress:
+        try:
+            for epoch in range(1, t.epochs + 1):
+                start = time.perf_counter()
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
+                perm = torch.randperm(n, device=device, generator=generator)
+                for i in range(steps_per_epoch):
+                    idx = perm[i * bs:(i + 1) * bs]
+                    x, y = data.x_train[idx], data.y_train[idx]
+                    lr, momentum = schedule.lr(step), schedule.momentum(step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    if momentum is not None:
+                        set_momentum(optimizer, momentum)
+                    with autocast:
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    rules.before_step()
+                    optimizer.step()
+                    rules.after_step()
+                    step += 1
+                    loss_sum += loss.detach() * len(y)
+                    correct += (logits.argmax(1) == y).sum()
+                    if step % check_every == 0 and not torch.isfinite(loss_sum):
+                        raise Diverged(f"epoch {epoch}, step {step}: loss is {loss.item()}")
+                    if i % 50 == 0:
+                        progress.step(i)
+                train_loss = loss_sum.item() / n
+                if not math.isfinite(train_loss):
+                    raise Diverged(f"epoch {epoch}, step {step}: mean training loss is {train_loss}")
+                val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
+                row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
+                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                       "seconds": time.perf_counter() - start}
+                rows.append(row)
+                recorder.log_epoch(row)
+                schedule.end_epoch(val_loss)
+                if stopper.update(row, model):
+                    save("best.pt", epoch, step)
+                save("last.pt", epoch, step)
+                if t.checkpoint_every and epoch % t.checkpoint_every == 0:
+                    save(f"epoch_{epoch}.pt", epoch, step)
+                progress.epoch(row)
+                if stopper.should_stop:
+                    break
+        except Diverged as e:
+            status, reason = "diverged", str(e)
+    recorder.close()
+
+    if stopper.best_state is not None and t.early_stopping.restore_best_weights:
+        model.load_state_dict(stopper.best_state)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if status == "completed" \
+        else (math.nan, math.nan)
+    best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
+    summary = {
+        "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
+        "best_epoch": stopper.best_epoch or None, "monitor": t.early_stopping.monitor,
+        "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
+        "test_acc": test_acc, "test_loss": test_loss,
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
+        "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        "threads": torch.get_num_threads(), "seed": t.seed, "classes": list(data.classes),
+        "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
+    }
+    write_json(run_dir / "summary.json", summary)
+    if rows:
+        plot_learning_curves(rows, run_dir / "learning_curves.png")
+    print_summary(summary, run_dir)
+    return summary
+
+
+def objective(summary: dict, cfg: DictConfig) -> float:
+    """The value a Hydra sweeper optimises: the monitored metric at the best epoch (NaN if the run failed)."""
+    value = summary.get(cfg.trainer.early_stopping.monitor or "val_acc")
+    return math.nan if value is None or summary["status"] != "completed" else value
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        summary = train(cfg, run_dir)
+    except DnnlabError as e:
+        error(str(e))
+        if multirun:  # record the failed job and let the sweep go on
+            write_json(run_dir / "summary.json", {"status": "failed", "reason": str(e)})
+            return math.nan
+        sys.exit(2)
+    if summary["status"] == "diverged":
+        error(f"diverged at {summary['reason']}; try a lower optimizer.lr, optimizer.clip_norm=1.0 or another init")
+        if not multirun:
+            sys.exit(3)
+    return objective(summary, cfg)

@@ -1,0 +1,210 @@
+"""Check a composed config before any data is read or any training starts.
+
+Every rule names a key, a test and what is allowed; a key that the chosen options do not have is skipped.
+The first failure becomes one line: `key=value is not allowed: what is allowed`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dnnlab.errors import DnnlabError, bad_value
+from dnnlab.init import DISTRIBUTIONS, FAN_MODES
+
+_ABSENT = object()
+# Config files may name Python callables (_target_); only these prefixes (and $DNNLAB_ALLOWED_TARGETS, a
+# comma-separated list of prefixes) may be instantiated, so an override cannot make dnnlab call os.system.
+ALLOWED_TARGET_PREFIXES = ("dnnlab.", "torch.optim.", "torch.nn.")
+
+
+def number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def num(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    def ok(v):
+        return number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+def int_min(lo):
+    return lambda v: integer(v) and v >= lo
+
+
+def optional(test):
+    return lambda v: v is None or test(v)
+
+
+def one_of(*choices):
+    return lambda v: v in choices
+
+
+def boolean(v) -> bool:
+    return isinstance(v, bool)
+
+
+def is_list(test, min_len=0):
+    return lambda v: OmegaConf.is_list(v) and len(v) >= min_len and all(test(x) for x in v)
+
+
+def device_ok(v) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
+
+
+POSITIVE = (num(0, lo_open=True), "a number > 0")
+NON_NEGATIVE = (num(0), "a number >= 0")
+UNIT = (num(0, 1, hi_open=True), "a number in [0, 1)")
+RATE = (num(0, 1, hi_open=True), "a rate in [0, 1)")
+OPT_POSITIVE = (optional(num(0, lo_open=True)), "null or a number > 0")
+BOOL = (boolean, "true or false")
+
+RULES = {
+    "data.name": (one_of("mnist", "fashion_mnist"), "mnist or fashion_mnist"),
+    "data.root": (optional(lambda v: isinstance(v, str)), "null or a folder path"),
+    "data.classes": (optional(lambda v: is_list(num(0, 9), 2)(v) and all(integer(c) for c in v)
+                              and len(set(v)) == len(v)),
+                     "null or a list of at least 2 distinct digits 0-9, e.g. [0,1,2,3,4]"),
+    "data.n_per_class": (optional(int_min(1)), "null or an integer >= 1"),
+    "data.val_per_class": (optional(int_min(1)), "null or an integer >= 1"),
+    "data.val_size": (lambda v: integer(v) and 1 <= v < 60000, "an integer from 1 to 59999"),
+    "data.standardize": (one_of("none", "global", "per_pixel"), "none, global or per_pixel"),
+    "data.seed": (integer, "an integer"),
+    "model.n_hidden": (int_min(0), "an integer >= 0"),
+    "model.n_neurons": (lambda v: int_min(1)(v) or is_list(int_min(1), 1)(v),
+                        "an integer >= 1 or a list of them, e.g. [300,100]"),
+    "init.scale": POSITIVE,
+    "init.mode": (one_of(*FAN_MODES), " or ".join(FAN_MODES)),
+    "init.distribution": (one_of(*DISTRIBUTIONS), " or ".join(DISTRIBUTIONS)),
+    "init.std": POSITIVE,
+    "init.mean": (number, "a number"),
+    "init.gain": POSITIVE,
+    "init.val": (number, "a number"),
+    "init.bias": (number, "a number"),
+    "activation.negative_slope": NON_NEGATIVE,
+    "activation.alpha": POSITIVE,
+    "activation.lower": NON_NEGATIVE,
+    "activation.upper": NON_NEGATIVE,
+    "activation.init": (number, "a number"),
+    "activation.beta": POSITIVE,
+    "activation.approximate": (one_of("none", "tanh"), "none or tanh"),
+    "norm.position": (one_of("before", "after"), "before or after (the activation)"),
+    "norm.momentum": (num(0, 1, lo_open=True), "a number in (0, 1]: the weight of each new batch"),
+    "norm.eps": POSITIVE,
+    "norm.input": BOOL,
+    "optimizer.lr": POSITIVE,
+    "optimizer.momentum": UNIT,
+    "optimizer.nesterov": BOOL,
+    "optimizer.betas": (lambda v: is_list(num(0, 1, hi_open=True), 2)(v) and len(v) == 2,
+                        "two numbers in [0, 1), e.g. [0.9,0.999]"),
+    "optimizer.alpha": UNIT,
+    "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.initial_accumulator_value": NON_NEGATIVE,
+    "optimizer.clip_value": OPT_POSITIVE,
+    "optimizer.clip_norm": OPT_POSITIVE,
+    "schedule.warmup_steps": (int_min(0), "an integer >= 0"),
+    "schedule.s": POSITIVE,
+    "schedule.c": NON_NEGATIVE,
+    "schedule.boundaries": (lambda v: is_list(int_min(1), 1)(v) and list(v) == sorted(set(v)),
+                            "a list of increasing epoch numbers >= 1, e.g. [5,15]"),
+    "schedule.values": (is_list(num(0, lo_open=True), 2), "a list of learning rates > 0, one more than boundaries"),
+    "schedule.factor": (num(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+    "schedule.patience": (int_min(0), "an integer >= 0"),
+    "schedule.min_lr": NON_NEGATIVE,
+    "schedule.max_lr": POSITIVE,
+    "schedule.div_factor": (num(1), "a number >= 1"),
+    "schedule.final_div_factor": (num(1), "a number >= 1"),
+    "schedule.pct_rise": (num(0, 0.5, lo_open=True), "a number in (0, 0.5]"),
+    "schedule.cycle_momentum": BOOL,
+    "schedule.base_momentum": UNIT,
+    "schedule.max_momentum": UNIT,
+    "regularizer.l1": NON_NEGATIVE,
+    "regularizer.l2": NON_NEGATIVE,
+    "regularizer.max_norm": POSITIVE,
+    "trainer.epochs": (int_min(1), "an integer >= 1"),
+    "trainer.batch_size": (int_min(1), "an integer >= 1"),
+    "trainer.device": (device_ok, "auto, cpu, cuda, cuda:N or mps"),
+    "trainer.threads": (lambda v: v == "auto" or int_min(1)(v), "auto or an integer >= 1"),
+    "trainer.seed": (integer, "an integer"),
+    "trainer.deterministic": BOOL,
+    "trainer.precision": (one_of("fp32", "bf16"), "fp32 or bf16"),
+    "trainer.early_stopping.monitor": (one_of(None, "val_loss", "val_acc"), "val_loss, val_acc or null (off)"),
+    "trainer.early_stopping.patience": (int_min(0), "an integer >= 0"),
+    "trainer.early_stopping.restore_best_weights": BOOL,
+    "trainer.checkpoint_every": (int_min(0), "an integer >= 0 (0: only last and best)"),
+    "trainer.limit_batches": (optional(int_min(1)), "null or an integer >= 1"),
+    "trainer.overfit_batches": (optional(int_min(1)), "null or an integer >= 1"),
+    "trainer.progress": BOOL,
+}
+for _kind in ("dropout", "alpha_dropout"):
+    RULES[f"regularizer.{_kind}.rate"] = RATE
+    RULES[f"regularizer.{_kind}.top_k"] = (optional(int_min(1)), "null (all hidden layers) or an integer >= 1")
+    RULES[f"regularizer.{_kind}.input"] = BOOL
+
+
+def _targets(node, path=""):
+    """(key, target) of every _target_ in the config."""
+    if OmegaConf.is_dict(node):
+        for key in node:
+            child = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield child, node[key]
+            else:
+                yield from _targets(node._get_node(key), child)
+
+
+def check_targets(cfg: DictConfig) -> None:
+    extra = tuple(p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p)
+    for key, target in _targets(cfg):
+        if not (isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIXES + extra)):
+            raise bad_value(key, target, f"a dnnlab or torch component ({', '.join(ALLOWED_TARGET_PREFIXES)}...); "
+                                         "allow others with $DNNLAB_ALLOWED_TARGETS=prefix,...")
+
+
+def check_device(value: str) -> None:
+    if value.startswith("cuda"):
+        count = torch.cuda.device_count()
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= count:
+            found = f"{count} CUDA device(s) here" if count else "no CUDA device here"
+            raise bad_value("trainer.device", value, f"{found}; use auto or cpu")
+    if value == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise bad_value("trainer.device", value, "no MPS device here; use auto or cpu")
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise DnnlabError for the first bad value in the config."""
+    for key, (ok, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+        if value is not _ABSENT and not ok(value):
+            raise bad_value(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, allowed)
+    check_targets(cfg)
+    check_device(cfg.trainer.device)
+
+    n_hidden = len(cfg.model.n_neurons) if OmegaConf.is_list(cfg.model.n_neurons) else cfg.model.n_hidden
+    if OmegaConf.is_list(cfg.model.n_neurons) and len(cfg.model.n_neurons) != cfg.model.n_hidden:
+        raise bad_value("model.n_hidden", cfg.model.n_hidden,
+                        f"the length of model.n_neurons ({len(cfg.model.n_neurons)}) when n_neurons is a list")
+    reg = cfg.regularizer
+    if reg.get("dropout") and reg.get("alpha_dropout"):
+        raise DnnlabError("regularizer: choose dropout or alpha_dropout, not both")
+    for kind in ("dropout", "alpha_dropout"):
+        top_k = OmegaConf.select(reg, f"{kind}.top_k")
+        if top_k is not None and top_k > n_hidden:
+            raise bad_value(f"regularizer.{kind}.top_k", top_k, f"at most model.n_hidden ({n_hidden})")
+    if cfg.norm.input and cfg.norm.kind == "layer":
+        raise bad_value("norm.input", True, "false with layernorm (use norm=input_batchnorm for an input BN layer)")
+    sched = cfg.schedule
+    if "boundaries" in sched and len(sched["values"]) != len(sched.boundaries) + 1:
+        raise bad_value("schedule.values", OmegaConf.to_container(sched["values"]),
+                        f"{len(sched.boundaries) + 1} learning rates (one more than schedule.boundaries)")
+    if "lower" in cfg.activation and cfg.activation.lower > cfg.activation.upper:
+        raise bad_value("activation.lower", cfg.activation.lower, f"at most activation.upper ({cfg.activation.upper})")
