@@ -31,6 +31,7 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
+        self.bar.remove_task(self.steps_task)  # leave only the epochs line on screen
         return self.bar.__exit__(*exc)
 
     def step(self, i: int) -> None:

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny, learnable IDX datasets written to disk and read through the real loader."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dnnlab import CONF_DIR
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+N_TRAIN_PER_CLASS, N_TEST_PER_CLASS = 60, 12
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def make_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each class lights a different 7x7 block (plus noise), so a small MLP can learn it in a few steps."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for i, c in enumerate(labels):
+        row, col = divmod(int(c), 4)
+        images[i, row * 7:(row + 1) * 7, col * 7:(col + 1) * 7] += 180
+    return images.clip(0, 255).astype(np.uint8)
+
+
+def write_dataset(folder: Path, seed: int = 0, gz_train: bool = True, gz_test: bool = False) -> Path:
+    """Write the four IDX files of a tiny 10-class dataset into `folder` (train gzipped, test raw by default)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class, gz in (("train", N_TRAIN_PER_CLASS, gz_train), ("t10k", N_TEST_PER_CLASS, gz_test)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+        for kind, array in (("images-idx3", make_images(labels, rng)), ("labels-idx1", labels)):
+            name = f"{split}-{kind}-ubyte"
+            data = idx_bytes(array)
+            if gz:
+                (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root in torchvision's layout with tiny MNIST and Fashion-MNIST."""
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root / "MNIST" / "raw", seed=1)
+    write_dataset(root / "FashionMNIST" / "raw", seed=2)
+    return root
+
+
+@pytest.fixture
+def make_cfg(data_root, monkeypatch):
+    """Compose the real config with overrides, on the tiny data, quiet and short."""
+    monkeypatch.delenv("DNNLAB_DATA", raising=False)
+
+    def make(*overrides: str, short: bool = True):
+        """short: two epochs (leave it off to keep a preset's own epochs)."""
+        base = [f"data.root={data_root}", "data.val_size=100", "trainer.progress=false"]
+        base += ["trainer.epochs=2"] if short else []
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=base + list(overrides))
+
+    return make

@@ -1,0 +1,154 @@
+"""Training runs end to end: every option of every group trains; outputs; reproducibility; debug modes."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dnnlab import CONF_DIR, checkpoint
+from dnnlab.errors import DnnlabError
+from dnnlab.model import build_mlp
+from dnnlab.record import COLUMNS
+from dnnlab.train import train
+
+GROUPS = ("init", "activation", "norm", "optimizer", "schedule", "regularizer")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def test_every_group_has_the_options_the_chapter_needs():
+    names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
+    assert names["optimizer"] == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamax", "nadam", "adamw"}
+    assert names["schedule"] == {"constant", "power", "exponential", "piecewise", "performance", "1cycle", "cosine"}
+    assert {"glorot_normal", "he_avg_uniform", "lecun_normal", "normal", "constant", "orthogonal"} <= names["init"]
+    assert {"leaky_relu", "prelu", "rrelu", "selu", "gelu", "swish", "mish", "softplus"} <= names["activation"]
+    assert names["norm"] == {"none", "batchnorm", "input_batchnorm", "layernorm"}
+    assert names["regularizer"] == {"none", "l1", "l2", "l1_l2", "dropout", "alpha_dropout", "max_norm"}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_trains(make_cfg, tmp_path, group, option):
+    extra = ["schedule.boundaries=[1]", "schedule.values=[0.01,0.001]"] if option == "piecewise" else []
+    summary = train(make_cfg(f"{group}={option}", *extra), tmp_path)
+    assert summary["status"] == "completed", summary
+    assert summary["epochs"] == 2
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_loss"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_run_writes_every_output(make_cfg, tmp_path):
+    summary = train(make_cfg("trainer.checkpoint_every=1"), tmp_path)
+    with open(tmp_path / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    assert len(rows) == 2 and all(float(r["seconds"]) > 0 for r in rows)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("status", "epochs", "best_epoch", "val_acc", "test_acc", "test_loss", "train_seconds", "n_params",
+                "device"):
+        assert key in saved, key
+    assert saved["n_params"] == 784 * 100 + 100 + 4 * (100 * 100 + 100) + 100 * 10 + 10
+    assert saved == json.loads(json.dumps(summary, default=str))
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] and env["device"] == "cpu"
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert names == {"last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"}
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and "optimizer" in state and "lr: 0.001" in state["config"]
+
+
+def test_tensorboard_events_hold_the_epoch_metrics(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg(), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(COLUMNS[1:]) <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
+
+
+def test_best_checkpoint_restores_the_best_epoch(make_cfg, tmp_path):
+    summary = train(make_cfg("trainer.epochs=4"), tmp_path)
+    best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert best["epoch"] == summary["best_epoch"]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert min(float(r["val_loss"]) for r in rows) == pytest.approx(summary["val_loss"])
+
+
+def test_same_seed_gives_identical_metrics(make_cfg, tmp_path):
+    cfg = make_cfg("regularizer=dropout", "activation=rrelu")
+    a, b = train(cfg, tmp_path / "a"), train(cfg, tmp_path / "b")
+    rows_a = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert [r.rsplit(",", 1)[0] for r in rows_a] == [r.rsplit(",", 1)[0] for r in rows_b]  # last column: seconds
+    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"]
+    c = train(make_cfg("regularizer=dropout", "activation=rrelu", "trainer.seed=7"), tmp_path / "c")
+    assert c["test_loss"] != a["test_loss"]
+
+
+def test_early_stopping_stops_after_patience_epochs(make_cfg, tmp_path):
+    # a learning rate of 0 never improves after the first epoch
+    summary = train(make_cfg("optimizer=sgd", "optimizer.lr=1e-12", "trainer.epochs=20",
+                             "trainer.early_stopping.patience=2"), tmp_path)
+    assert summary["stopped_early"] and summary["epochs"] <= 4
+
+
+def test_debug_smoke_limits_every_split(make_cfg, tmp_path):
+    summary = train(make_cfg("debug=smoke", short=False), tmp_path)
+    assert summary["epochs"] == 1
+    assert summary["n_train"] == summary["n_val"] == summary["n_test"] == 3 * 32
+
+
+def test_debug_overfit_drives_the_loss_to_zero(make_cfg, tmp_path):
+    summary = train(make_cfg("debug=overfit", "trainer.epochs=60"), tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert summary["n_train"] == 64 and float(rows[-1]["train_loss"]) < 0.01
+    assert float(rows[-1]["train_acc"]) == 1.0
+
+
+def test_default_network_is_the_books_exercise(make_cfg):
+    cfg = make_cfg()
+    model = build_mlp(cfg, 10)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [100] * 5 + [10]
+    assert sum(isinstance(m, torch.nn.ELU) for m in model) == 5
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.batch_size == 32
+    assert cfg.trainer.early_stopping.monitor == "val_loss"
+
+
+def test_classes_subset_sets_the_output_width(make_cfg, tmp_path):
+    summary = train(make_cfg("data.classes=[5,6,7,8,9]", "data.n_per_class=10"), tmp_path)
+    assert summary["classes"] == [5, 6, 7, 8, 9] and summary["n_train"] == 50
+    weights = {k: v for k, v in checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"].items()
+               if k.endswith(".weight")}
+    assert weights[max(weights, key=lambda k: int(k.split(".")[0]))].shape == (5, 100)
+
+
+def test_diverging_run_is_stopped_and_recorded(make_cfg, tmp_path):
+    summary = train(make_cfg("optimizer=sgd", "optimizer.lr=1e6", "init=normal", "init.std=100",
+                             "trainer.epochs=5"), tmp_path)
+    assert summary["status"] == "diverged" and "loss is" in summary["reason"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("regularizer=dropout regularizer.dropout.rate=1.0", "regularizer.dropout.rate"),
+    ("data.classes=[0,10]", "data.classes"),
+    ("data.n_per_class=1000", "data.n_per_class"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.epochs=two", "trainer.epochs"),
+    ("trainer.device=cuda:7", "trainer.device"),
+    ("model.n_neurons=[300,100]", "model.n_hidden"),
+    ("schedule=piecewise schedule.values=[0.1]", "schedule.values"),
+    ("init._target_=os.system", "init._target_"),
+])
+def test_bad_values_fail_before_training(make_cfg, tmp_path, override, key):
+    with pytest.raises(DnnlabError, match=key.replace(".", r"\.")) as info:
+        train(make_cfg(*override.split()), tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "metrics.csv").exists()
