@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ FILES = {
 }
 COUNTS = {"train": 60000, "test": 10000}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803: ubyte, 3 dims; 0x00000801: ubyte, 1 dim
+log = logging.getLogger("dnnlab")
 
 
 def cache_dir() -> Path:
@@ -57,6 +59,7 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
             return folder
     if download:
         target = cache_dir()
+        log.warning("%s: no local copy; downloading it with torchvision into %s", name, target)
         try:
             import torchvision.datasets as tvd
 
