@@ -1,0 +1,36 @@
+"""Training on the real datasets in ../shared/data (slow: a few seconds each; CI runs them too)."""
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dnnlab import CONF_DIR
+from dnnlab.train import train
+from tests.conftest import SHARED_DATA
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
+                       reason=f"the real datasets are not at {SHARED_DATA} (only in this project's workspace and CI)"),
+]
+
+
+def real_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"data.root={SHARED_DATA}", "trainer.progress=false", *overrides])
+
+
+def test_default_network_learns_fashion_mnist(tmp_path):
+    summary = train(real_cfg("trainer.epochs=2"), tmp_path)
+    assert summary["n_train"] == 55000 and summary["n_val"] == 5000 and summary["n_test"] == 10000
+    assert summary["val_acc"] > 0.83 and summary["test_acc"] > 0.82  # the book's exercise reaches ~0.85 by epoch 2
+
+
+def test_mnist_digits_0_to_4(tmp_path):
+    summary = train(real_cfg("data=mnist", "data.classes=[0,1,2,3,4]", "trainer.epochs=3"), tmp_path)
+    assert summary["n_test"] == 5139  # every test image of digits 0-4
+    assert summary["test_acc"] > 0.97  # the book's plain network: 97.3 %
+
+
+def test_batchnorm_and_1cycle_on_real_data(tmp_path):
+    summary = train(real_cfg("norm=batchnorm", "optimizer=nadam", "schedule=1cycle", "schedule.max_lr=0.005",
+                             "trainer.epochs=2", "trainer.batch_size=128"), tmp_path)
+    assert summary["status"] == "completed" and summary["test_acc"] > 0.84
