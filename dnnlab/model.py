@@ -1,4 +1,5 @@
 """The multilayer perceptron built from the model, activation, norm, init and regularizer groups."""
+from collections import OrderedDict
 from functools import partial
 
 from hydra.utils import instantiate
@@ -24,22 +25,23 @@ def dropout_spec(reg: DictConfig):
 
 
 def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
-    """Flatten -> [input BN] -> n x [Linear -> (norm) -> act -> (norm) -> (dropout)] -> Linear (logits)."""
+    """Named blocks, so layers can be reused by name (transfer learning):
+    input: Flatten [-> BN] [-> dropout];  hidden1..N: Linear -> (norm) -> act -> (norm) [-> dropout];  output: Linear.
+    """
     norm, hidden = cfg.norm, widths(cfg.model)
     make_act = instantiate(cfg.activation)
     drop = dropout_spec(cfg.regularizer)
     first_dropped = len(hidden) - (drop[1].top_k if drop and drop[1].top_k is not None else len(hidden))
+    norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")), "layer": nn.LayerNorm}.get(norm.kind)
+    before = norm_layer is not None and norm.position == "before"
 
-    layers: list[nn.Module] = [nn.Flatten()]
+    stem: list[nn.Module] = [nn.Flatten()]
     if norm.input:
-        layers.append(nn.BatchNorm1d(IN_FEATURES, momentum=norm.momentum, eps=norm.eps))
+        stem.append(nn.BatchNorm1d(IN_FEATURES, momentum=norm.momentum, eps=norm.eps))
     if drop and drop[1].input:
-        layers.append(drop[0](drop[1].rate))
-    linears, n_in = [], IN_FEATURES
+        stem.append(drop[0](drop[1].rate))
+    blocks, n_in = {"input": nn.Sequential(*stem)}, IN_FEATURES
     for i, width in enumerate(hidden):
-        norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")),
-                      "layer": nn.LayerNorm}.get(norm.kind)
-        before = norm_layer is not None and norm.position == "before"
         linear = nn.Linear(n_in, width, bias=not before)  # a norm layer's shift makes the bias redundant
         act = make_act(num_parameters=width) if make_act.func is nn.PReLU else make_act()  # Keras: a slope per unit
         block = [linear, act]
@@ -47,15 +49,13 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
             block.insert(1 if before else 2, norm_layer(width, eps=norm.eps))
         if drop and i >= first_dropped:
             block.append(drop[0](drop[1].rate))
-        layers += block
-        linears.append(linear)
+        blocks[f"hidden{i + 1}"] = nn.Sequential(*block)
         n_in = width
-    out = nn.Linear(n_in, n_classes)
-    layers.append(out)
-    apply_init(linears, cfg.init)
+    out = blocks["output"] = nn.Linear(n_in, n_classes)
+    apply_init([blocks[f"hidden{i + 1}"][0] for i in range(len(hidden))], cfg.init)
     variance_scaling(out.weight, 1.0, "fan_avg", "uniform")  # Keras' default (Glorot uniform), as the book's output layer
     nn.init.zeros_(out.bias)
-    return nn.Sequential(*layers)
+    return nn.Sequential(OrderedDict(blocks))
 
 
 def weight_matrices(model: nn.Module) -> list:

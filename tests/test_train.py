@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -113,9 +114,11 @@ def test_debug_overfit_drives_the_loss_to_zero(make_cfg, tmp_path):
 def test_default_network_is_the_books_exercise(make_cfg):
     cfg = make_cfg()
     model = build_mlp(cfg, 10)
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert list(dict(model.named_children())) == ["input", "hidden1", "hidden2", "hidden3", "hidden4", "hidden5",
+                                                  "output"]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [100] * 5 + [10]
-    assert sum(isinstance(m, torch.nn.ELU) for m in model) == 5
+    assert sum(isinstance(m, torch.nn.ELU) for m in model.modules()) == 5
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.batch_size == 32
     assert cfg.trainer.early_stopping.monitor == "val_loss"
 
@@ -123,9 +126,7 @@ def test_default_network_is_the_books_exercise(make_cfg):
 def test_classes_subset_sets_the_output_width(make_cfg, tmp_path):
     summary = train(make_cfg("data.classes=[5,6,7,8,9]", "data.n_per_class=10"), tmp_path)
     assert summary["classes"] == [5, 6, 7, 8, 9] and summary["n_train"] == 50
-    weights = {k: v for k, v in checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"].items()
-               if k.endswith(".weight")}
-    assert weights[max(weights, key=lambda k: int(k.split(".")[0]))].shape == (5, 100)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"]["output.weight"].shape == (5, 100)
 
 
 def test_diverging_run_is_stopped_and_recorded(make_cfg, tmp_path):
@@ -152,3 +153,38 @@ def test_bad_values_fail_before_training(make_cfg, tmp_path, override, key):
         train(make_cfg(*override.split()), tmp_path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("setting", ["trainer.precision=bf16", "trainer.deterministic=true", "trainer.threads=2",
+                                     "trainer.device=cpu", "trainer.early_stopping.monitor=val_acc",
+                                     "trainer.early_stopping.monitor=null"])
+def test_trainer_settings_train(make_cfg, tmp_path, setting):
+    summary = train(make_cfg(setting), tmp_path)
+    assert summary["status"] == "completed" and summary["test_acc"] > 0.5
+    if setting == "trainer.threads=2":
+        assert summary["threads"] == 2
+
+
+def test_test_metrics_use_the_restored_best_weights(make_cfg, tmp_path):
+    from contextlib import nullcontext
+
+    from dnnlab.data import load
+    from dnnlab.train import evaluate
+
+    cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.02")  # a high rate makes later epochs worse at times
+    summary = train(cfg, tmp_path)
+    model = build_mlp(cfg, 10)
+    model.load_state_dict(checkpoint.load(tmp_path / "checkpoints" / "best.pt")["model"])
+    data = load(cfg.data, torch.device("cpu"))
+    loss, acc = evaluate(model, data.x_test, data.y_test, nullcontext())
+    assert loss == pytest.approx(summary["test_loss"], rel=1e-6) and acc == summary["test_acc"]
+
+
+def test_the_task_returns_the_monitored_metric(make_cfg, tmp_path):
+    from dnnlab.train import objective
+
+    for monitor in ("val_loss", "val_acc"):
+        cfg = make_cfg(f"trainer.early_stopping.monitor={monitor}")
+        summary = train(cfg, tmp_path / monitor)
+        assert objective(summary, cfg) == summary[monitor]
+    assert math.isnan(objective({"status": "diverged", "val_loss": 1.0}, cfg))  # a sweeper must not prefer it
