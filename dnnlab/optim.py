@@ -12,11 +12,15 @@ EXTRA_KEYS = ("clip_value", "clip_norm")  # dnnlab's own keys in the optimizer g
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
-    if params.get("fused") and device.type not in FUSED_DEVICES:  # fused kernels exist only for these
-        params["fused"], params["foreach"] = False, True
-    return instantiate(params)(model.parameters())
+def build_optimizer(cfg: DictConfig, params: list, device: torch.device, lr: float | None = None
+                    ) -> torch.optim.Optimizer:
+    """The configured torch optimizer over `params` (at learning rate `lr` if given, else the configured one)."""
+    kwargs = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
+    if kwargs.get("fused") and device.type not in FUSED_DEVICES:  # fused kernels exist only for these
+        kwargs["fused"], kwargs["foreach"] = False, True
+    if lr is not None:
+        kwargs["lr"] = lr
+    return instantiate(kwargs)(params)
 
 
 def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
@@ -42,7 +46,7 @@ class GradientRules:
         self.l1, self.l2 = float(reg.get("l1", 0.0)), float(reg.get("l2", 0.0))
         self.clip_value, self.clip_norm = opt_cfg.clip_value, opt_cfg.clip_norm
         self.max_norm = reg.get("max_norm")
-        self.constrained = [m.weight for m in hidden_linears(model)]
+        self.constrained = [m.weight for m in hidden_linears(model) if m.weight.requires_grad]
 
     def before_step(self) -> None:
         if self.l2:

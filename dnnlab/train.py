@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, checkpoint, validate
+from dnnlab import CONF_DIR, checkpoint, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp, widths
@@ -108,6 +108,55 @@ class EarlyStopping:
         return self.sign * self.best
 
 
+def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
+                autocast, progress) -> tuple[float, float, int, float]:
+    """One pass over the training split in a seeded random order: (mean loss, accuracy, global step, last lr).
+    Loss and accuracy accumulate on the device; on CUDA the host waits only every 100 steps (finiteness check)."""
+    device = x_all.device
+    check_every = 1 if device.type == "cpu" else 100
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    perm = torch.randperm(len(x_all), device=device, generator=generator)
+    net.train()
+    for i in range(steps):
+        idx = perm[i * batch_size:(i + 1) * batch_size]
+        x, y = x_all[idx], y_all[idx]
+        lr, momentum = schedule.lr(step), schedule.momentum(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if momentum is not None:
+            set_momentum(optimizer, momentum)
+        with autocast:
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        rules.before_step()
+        optimizer.step()
+        rules.after_step()
+        step += 1
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        if step % check_every == 0 and not torch.isfinite(loss_sum):
+            raise Diverged(f"step {step}: loss is {loss.item()}")
+        if i % 50 == 0:
+            progress.step(i)
+    n = min(len(x_all), steps * batch_size)
+    mean_loss = loss_sum.item() / n
+    if not math.isfinite(mean_loss):
+        raise Diverged(f"step {step}: mean training loss is {mean_loss}")
+    return mean_loss, correct.item() / n, step, lr
+
+
+def phases(cfg: DictConfig) -> list[tuple[str, float]]:
+    """(name, learning rate) of each training phase: one, or two when reused layers are unfrozen half-way."""
+    lr = cfg.optimizer.lr
+    first = [("train", lr)]
+    if cfg.transfer.source and cfg.transfer.unfreeze_top != 0:
+        return first + [(f"unfreeze {cfg.transfer.unfreeze_top}", lr * cfg.transfer.unfreeze_lr_factor)]
+    return first
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     validate.check(cfg)
@@ -124,14 +173,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
              len(data.x_train), len(data.x_val), len(data.x_test))
     model = build_mlp(cfg, data.n_classes).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model, device)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    reused = transfer.reuse(model, cfg) if cfg.transfer.source else None
     n, bs = len(data.x_train), t.batch_size
     steps_per_epoch = math.ceil(n / bs) - (n % bs == 1 and n > 1)  # a lone last example would break BatchNorm
-    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.epochs * steps_per_epoch, steps_per_epoch)
     stopper = EarlyStopping(t.early_stopping)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-    check_every = 1 if device.type == "cpu" else 100  # a finiteness check syncs; on CUDA do it rarely
     recorder = Recorder(run_dir)
     write_json(run_dir / "environment.json", environment(device))
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -140,59 +186,56 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     def save(name: str, epoch: int, step: int) -> None:
         checkpoint.save(run_dir / "checkpoints" / name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": epoch, "step": step, "config": config_text, "classes": list(data.classes)})
+            "epoch": epoch, "step": step, "phase": phase, "config": config_text, "classes": list(data.classes)})
 
-    rows, status, reason, step, epoch = [], "completed", None, 0, 0
-    with Progress(t.epochs, steps_per_epoch, enabled=t.progress) as progress:
-        try:
-            for epoch in range(1, t.epochs + 1):
+    rows, status, reason, step, cache_seconds, done = [], "completed", None, 0, 0.0, []
+    with Progress(t.epochs * len(phases(cfg)), steps_per_epoch, enabled=t.progress) as progress:
+        for phase, (phase_name, lr0) in enumerate(phases(cfg)):
+            if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
+                model.load_state_dict(stopper.best_state)
+                done[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
+                stopper.bad_epochs = 0
+            frozen, net = transfer.split_frozen(model)
+            x_train, x_val = data.x_train, data.x_val
+            if reused and cfg.transfer.cache and len(frozen):  # the frozen layers' outputs, computed once
                 start = time.perf_counter()
-                loss_sum = torch.zeros((), device=device)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-                perm = torch.randperm(n, device=device, generator=generator)
-                for i in range(steps_per_epoch):
-                    idx = perm[i * bs:(i + 1) * bs]
-                    x, y = data.x_train[idx], data.y_train[idx]
-                    lr, momentum = schedule.lr(step), schedule.momentum(step)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if momentum is not None:
-                        set_momentum(optimizer, momentum)
-                    with autocast:
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    rules.before_step()
-                    optimizer.step()
-                    rules.after_step()
-                    step += 1
-                    loss_sum += loss.detach() * len(y)
-                    correct += (logits.argmax(1) == y).sum()
-                    if step % check_every == 0 and not torch.isfinite(loss_sum):
-                        raise Diverged(f"epoch {epoch}, step {step}: loss is {loss.item()}")
-                    if i % 50 == 0:
-                        progress.step(i)
-                train_loss = loss_sum.item() / n
-                if not math.isfinite(train_loss):
-                    raise Diverged(f"epoch {epoch}, step {step}: mean training loss is {train_loss}")
-                val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
-                row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
-                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                       "seconds": time.perf_counter() - start}
-                rows.append(row)
-                recorder.log_epoch(row)
-                schedule.end_epoch(val_loss)
-                if stopper.update(row, model):
-                    save("best.pt", epoch, step)
-                save("last.pt", epoch, step)
-                if t.checkpoint_every and epoch % t.checkpoint_every == 0:
-                    save(f"epoch_{epoch}.pt", epoch, step)
-                progress.epoch(row)
-                if stopper.should_stop:
-                    break
-        except Diverged as e:
-            status, reason = "diverged", str(e)
+                x_train, x_val = transfer.features(frozen, x_train), transfer.features(frozen, x_val)
+                cache_seconds += time.perf_counter() - start
+            else:
+                net = model
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
+            rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+            schedule = build_schedule(cfg.schedule, lr0, t.epochs * steps_per_epoch, steps_per_epoch)
+            done.append({"phase": phase_name, "lr": lr0, "first_epoch": len(rows) + 1})
+            phase_step = 0
+            try:
+                for _ in range(t.epochs):
+                    start = time.perf_counter()
+                    train_loss, train_acc, phase_step, lr = train_epoch(
+                        net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule, phase_step,
+                        generator, autocast, progress)
+                    val_loss, val_acc = evaluate(net, x_val, data.y_val, autocast)
+                    epoch = len(rows) + 1
+                    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                           "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - start}
+                    rows.append(row)
+                    recorder.log_epoch(row)
+                    schedule.end_epoch(val_loss)
+                    if stopper.update(row, model):
+                        save("best.pt", epoch, step + phase_step)
+                    save("last.pt", epoch, step + phase_step)
+                    if t.checkpoint_every and epoch % t.checkpoint_every == 0:
+                        save(f"epoch_{epoch}.pt", epoch, step + phase_step)
+                    progress.epoch(row)
+                    if stopper.should_stop:
+                        break
+            except Diverged as e:
+                status, reason = "diverged", f"epoch {len(rows) + 1}, {e}"
+            step += phase_step
+            done[-1]["epochs"] = len(rows) + 1 - done[-1]["first_epoch"]
+            if status != "completed":
+                break
     recorder.close()
 
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
@@ -205,12 +248,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "best_epoch": stopper.best_epoch or None, "monitor": t.early_stopping.monitor,
         "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
         "test_acc": test_acc, "test_loss": test_loss,
-        "train_seconds": sum(r["seconds"] for r in rows),
+        "train_seconds": sum(r["seconds"] for r in rows) + cache_seconds,
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "threads": torch.get_num_threads(), "seed": t.seed, "classes": list(data.classes),
         "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
+        "steps": step, "phases": done,
     }
+    if reused:
+        summary["transfer"] = {**reused, "cache_seconds": cache_seconds}
     write_json(run_dir / "summary.json", summary)
     if rows:
         plot_learning_curves(rows, run_dir / "learning_curves.png")

@@ -143,6 +143,12 @@ RULES = {
     "trainer.limit_batches": (optional(int_min(1)), "null or an integer >= 1"),
     "trainer.overfit_batches": (optional(int_min(1)), "null or an integer >= 1"),
     "trainer.progress": BOOL,
+    "transfer.source": (optional(lambda v: isinstance(v, str) and v != ""), "null or a run directory or checkpoint"),
+    "transfer.reuse_layers": (lambda v: v == "all" or int_min(1)(v), "all or an integer >= 1"),
+    "transfer.freeze": BOOL,
+    "transfer.cache": BOOL,
+    "transfer.unfreeze_top": (lambda v: v == "all" or int_min(0)(v), "all or an integer >= 0"),
+    "transfer.unfreeze_lr_factor": (num(0, lo_open=True), "a number > 0 (usually below 1)"),
 }
 for _kind in ("dropout", "alpha_dropout"):
     RULES[f"regularizer.{_kind}.rate"] = RATE
@@ -180,8 +186,25 @@ def check_device(value: str) -> None:
         raise bad_value("trainer.device", value, "no MPS device here; use auto or cpu")
 
 
+def check_transfer(tr: DictConfig, n_hidden: int) -> None:
+    if tr.source is None:
+        return
+    reused = n_hidden if tr.reuse_layers == "all" else tr.reuse_layers
+    if reused > n_hidden:
+        raise bad_value("transfer.reuse_layers", tr.reuse_layers, f"at most model.n_hidden ({n_hidden})")
+    if tr.cache and not tr.freeze:
+        raise bad_value("transfer.cache", True, "false unless transfer.freeze=true (only frozen outputs are fixed)")
+    if tr.unfreeze_top != 0 and not tr.freeze:
+        raise bad_value("transfer.unfreeze_top", tr.unfreeze_top, "0 unless transfer.freeze=true")
+    if tr.unfreeze_top != "all" and tr.unfreeze_top > reused:
+        raise bad_value("transfer.unfreeze_top", tr.unfreeze_top, f"at most the reused layers ({reused}) or all")
+
+
 def check(cfg: DictConfig) -> None:
     """Raise DnnlabError for the first bad value in the config."""
+    if OmegaConf.is_missing(cfg.transfer, "source"):
+        raise DnnlabError("transfer.source is required here: a run directory or checkpoint to reuse, e.g. "
+                          "transfer.source=outputs/2026-01-01/12-00-00")
     for key, (ok, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
         if value is not _ABSENT and not ok(value):
@@ -202,6 +225,7 @@ def check(cfg: DictConfig) -> None:
             raise bad_value(f"regularizer.{kind}.top_k", top_k, f"at most model.n_hidden ({n_hidden})")
     if cfg.norm.input and cfg.norm.kind == "layer":
         raise bad_value("norm.input", True, "false with layernorm (use norm=input_batchnorm for an input BN layer)")
+    check_transfer(cfg.transfer, n_hidden)
     sched = cfg.schedule
     if "boundaries" in sched and len(sched["values"]) != len(sched.boundaries) + 1:
         raise bad_value("schedule.values", OmegaConf.to_container(sched["values"]),
