@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -47,8 +48,11 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DnnlabError(f"{path}: refused to load, it holds objects other than tensors and plain data "
-                          f"({str(e).splitlines()[0][:120]}); only dnnlab checkpoints are accepted") from None
+        found = re.search(r"(?:unsupported )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if found:  # a pickle that would import (and could run) code
+            raise DnnlabError(f"{path}: refused to load, it asks to import {found.group(1)}; only tensors and plain "
+                              "data are accepted (dnnlab checkpoints)") from None
+        raise DnnlabError(f"{path}: not a readable checkpoint (a corrupt or foreign file)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise DnnlabError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

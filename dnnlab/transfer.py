@@ -81,8 +81,8 @@ def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
     if transfer.freeze:
         for name in names:
             model._modules[name] = Frozen(model._modules[name])
-    return {"source": str(path), "source_epoch": state["epoch"], "reused": names[1:],
-            **OmegaConf.to_container(transfer)}
+    return {**OmegaConf.to_container(transfer), "checkpoint": str(path), "source_epoch": state["epoch"],
+            "reused": names[1:]}
 
 
 def unfreeze(model: nn.Sequential, top) -> list[str]:
