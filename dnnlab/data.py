@@ -67,7 +67,8 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
             cls(str(target), train=True, download=True)
             cls(str(target), train=False, download=True)
         except Exception as e:  # no network, a mirror down, a checksum mismatch: all end in the same advice
-            tried.append(Path(f"torchvision download into {target} ({type(e).__name__}: {str(e).splitlines()[0][:80]})"))
+            first_line = next(iter(str(e).splitlines()), "")[:80]
+            tried.append(Path(f"torchvision download into {target} ({type(e).__name__}: {first_line})"))
         else:
             return target / FOLDERS[name] / "raw"
     hint = "set data.root or $DNNLAB_DATA to a folder with the four IDX files"
@@ -96,15 +97,15 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    img_stem, lbl_stem = FILES[split]
-    images = read_idx(_find_file(folder, img_stem), IMAGE_MAGIC)
-    labels = read_idx(_find_file(folder, lbl_stem), LABEL_MAGIC)
+    img_path, lbl_path = (_find_file(folder, stem) for stem in FILES[split])
+    images, labels = read_idx(img_path, IMAGE_MAGIC), read_idx(lbl_path, LABEL_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DnnlabError(f"{folder / img_stem}: images of shape {images.shape[1:]}, expected 28x28")
+        raise DnnlabError(f"{img_path}: images of shape {images.shape[1:]}, expected 28x28")
     if len(images) != len(labels):
-        raise DnnlabError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+        raise DnnlabError(f"{img_path.name} has {len(images)} images but {lbl_path.name} {len(labels)} labels "
+                          f"(in {folder})")
     if labels.size and labels.max() > 9:
-        raise DnnlabError(f"{folder / lbl_stem}: label {labels.max()} outside 0-9")
+        raise DnnlabError(f"{lbl_path}: label {labels.max()} outside 0-9")
     return images, labels
 
 
@@ -168,7 +169,7 @@ def load(cfg, device: torch.device) -> Splits:
         dims = None if cfg.standardize == "global" else 0
         mean = xs["train"].mean() if dims is None else xs["train"].mean(0)
         std = xs["train"].std() if dims is None else xs["train"].std(0)
-        std = std.clamp_min(1e-6)  # MNIST's border pixels are always 0
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)  # pixels constant in training (MNIST's borders) stay put
         xs = {s: (x - mean) / std for s, x in xs.items()}
     ys = {s: torch.as_tensor(y).to(device) for s, (_, y) in parts.items()}
     return Splits(xs["train"], ys["train"], xs["val"], ys["val"], xs["test"], ys["test"], classes, str(folder))

@@ -34,6 +34,7 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
     first_dropped = len(hidden) - (drop[1].top_k if drop and drop[1].top_k is not None else len(hidden))
     norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")), "layer": nn.LayerNorm}.get(norm.kind)
     before = norm_layer is not None and norm.position == "before"
+    bias = not (before and norm.kind == "batch")  # BN's shift makes the bias redundant; LayerNorm's does not
 
     stem: list[nn.Module] = [nn.Flatten()]
     if norm.input:
@@ -42,7 +43,7 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
         stem.append(drop[0](drop[1].rate))
     blocks, n_in = {"input": nn.Sequential(*stem)}, IN_FEATURES
     for i, width in enumerate(hidden):
-        linear = nn.Linear(n_in, width, bias=not before)  # a norm layer's shift makes the bias redundant
+        linear = nn.Linear(n_in, width, bias=bias)
         act = make_act(num_parameters=width) if make_act.func is nn.PReLU else make_act()  # Keras: a slope per unit
         block = [linear, act]
         if norm_layer is not None:

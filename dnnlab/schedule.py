@@ -66,19 +66,19 @@ class Piecewise(Schedule):
 
 
 class Performance(Schedule):
-    """Reduce on plateau: lr *= factor after `patience` epochs without a lower validation loss."""
+    """Reduce on plateau: lr *= factor after `patience` epochs without the validation loss falling by min_delta."""
 
     def __init__(self, lr0, total_steps, steps_per_epoch, factor: float = 0.5, patience: int = 5,
-                 min_lr: float = 0.0):
+                 min_lr: float = 0.0, min_delta: float = 1e-4):
         super().__init__(lr0, total_steps, steps_per_epoch)
-        self.factor, self.patience, self.min_lr = factor, patience, min_lr
+        self.factor, self.patience, self.min_lr, self.min_delta = factor, patience, min_lr, min_delta
         self.current, self.best, self.bad_epochs = lr0, math.inf, 0
 
     def lr(self, t):
         return self.current
 
     def end_epoch(self, val_loss):
-        if val_loss < self.best:
+        if val_loss < self.best - self.min_delta:
             self.best, self.bad_epochs = val_loss, 0
             return
         self.bad_epochs += 1
@@ -101,14 +101,15 @@ class OneCycle(Schedule):
         super().__init__(lr0, total_steps, steps_per_epoch)
         self.max_lr, self.start_lr = max_lr, max_lr / div_factor
         self.end_lr = self.start_lr / final_div_factor
-        self.rise = max(1, round(pct_rise * total_steps))
-        self.fall_end = min(total_steps - 1, 2 * self.rise)
+        # rise over ~pct_rise of the steps, fall back over as many, and keep at least one step for the final fall
+        self.fall_end = max(0, min(2 * round(pct_rise * total_steps), total_steps - 2))
+        self.rise = self.fall_end // 2
         self.cycle_momentum, self.base_momentum, self.max_momentum = cycle_momentum, base_momentum, max_momentum
 
     def _phase(self, t, high, low, last):
         """Interpolate linearly: `high` at the top of the cycle, `low` at its ends and `last` at the very end."""
         if t <= self.rise:
-            return low + (high - low) * t / self.rise
+            return low + (high - low) * t / max(1, self.rise)
         if t <= self.fall_end:
             return high + (low - high) * (t - self.rise) / max(1, self.fall_end - self.rise)
         return low + (last - low) * (t - self.fall_end) / max(1, self.total_steps - 1 - self.fall_end)
@@ -129,7 +130,7 @@ class Cosine(Schedule):
         self.min_lr = min_lr
 
     def lr(self, t):
-        progress = min(t, self.total_steps) / self.total_steps
+        progress = min(t, self.total_steps - 1) / max(1, self.total_steps - 1)  # min_lr at the last step
         return self.min_lr + (self.lr0 - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 

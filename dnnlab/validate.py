@@ -122,7 +122,8 @@ RULES = {
     "schedule.max_lr": POSITIVE,
     "schedule.div_factor": (num(1), "a number >= 1"),
     "schedule.final_div_factor": (num(1), "a number >= 1"),
-    "schedule.pct_rise": (num(0, 0.5, lo_open=True), "a number in (0, 0.5]"),
+    "schedule.pct_rise": (num(0, 0.5, lo_open=True, hi_open=True), "a number in (0, 0.5)"),
+    "schedule.min_delta": NON_NEGATIVE,
     "schedule.cycle_momentum": BOOL,
     "schedule.base_momentum": UNIT,
     "schedule.max_momentum": UNIT,
@@ -189,6 +190,8 @@ def check_device(value: str) -> None:
 def check_transfer(tr: DictConfig, n_hidden: int) -> None:
     if tr.source is None:
         return
+    if "reuse_layers" not in tr:
+        raise bad_value("transfer.source", tr.source, "null with transfer=none (choose transfer=reuse to reuse layers)")
     reused = n_hidden if tr.reuse_layers == "all" else tr.reuse_layers
     if reused > n_hidden:
         raise bad_value("transfer.reuse_layers", tr.reuse_layers, f"at most model.n_hidden ({n_hidden})")

@@ -1,0 +1,52 @@
+"""Running configured jobs from Python (scripts, comparisons) and tabulating their results."""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from rich.table import Table
+
+from dnnlab import CONF_DIR
+from dnnlab.checkpoint import atomic_write
+from dnnlab.ui import console
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The same config `dnnlab train OVERRIDES` would get."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run(overrides: list[str], run_dir: Path) -> dict:
+    """Train one job through the normal code path; returns its summary."""
+    from dnnlab.train import train
+
+    return train(compose_config(overrides), Path(run_dir))
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_table(rows: list[dict], stem: Path, title: str) -> None:
+    """Print rows as a rich table and write them to STEM.csv and STEM.md."""
+    columns = list(rows[0])
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    console.print(table)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(stem.with_suffix(".csv"), buffer.getvalue().encode())
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    atomic_write(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,311 @@
+"""Optimizers with the book's defaults; L1/L2, max-norm and clipping as exact rules; dropout and norm placement."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnnlab import CONF_DIR
+from dnnlab.model import build_mlp
+from dnnlab.optim import GradientRules, build_optimizer
+
+OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
+CPU = torch.device("cpu")
+SMALL = ("model.n_hidden=2", "model.n_neurons=16")
+
+# option -> (torch class, defaults that must hold): the book's (Keras') values
+EXPECTED = {
+    "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.0, "nesterov": False}),
+    "momentum": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "nesterov": False}),
+    "nesterov": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "nesterov": True}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1, "eps": 1e-7}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7, "momentum": 0.0}),
+    "adam": (torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7, "weight_decay": 0.0}),
+    "adamax": (torch.optim.Adamax, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
+    "nadam": (torch.optim.NAdam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-5}),
+}
+
+
+def small_model(cfg) -> nn.Sequential:
+    torch.manual_seed(0)
+    return build_mlp(cfg, 10)
+
+
+def linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def leaves(model: nn.Module) -> list[nn.Module]:
+    """The layers in forward order, whether build_mlp nests them in blocks or not."""
+    return [m for m in model.modules() if not list(m.children())]
+
+
+def kinds(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in leaves(model)]
+
+
+def backward(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(8, 784, generator=g), torch.randint(0, 10, (8,), generator=g)
+    model.zero_grad(set_to_none=True)
+    (scale * F.cross_entropy(model(x), y)).backward()
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+# --- (a) optimizers ---
+
+def test_every_optimizer_option_has_an_expectation():
+    assert set(OPTIMIZERS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_builds_with_the_books_defaults(make_cfg, name):
+    cfg = make_cfg(f"optimizer={name}", "optimizer.clip_value=0.5", "optimizer.clip_norm=1.0", *SMALL)
+    model = small_model(cfg)
+    opt = build_optimizer(cfg.optimizer, list(model.parameters()), CPU)
+    cls, defaults = EXPECTED[name]
+    assert type(opt) is cls
+    for key, value in defaults.items():
+        assert opt.defaults[key] == pytest.approx(value), key
+    assert not {"clip_value", "clip_norm"} & set(opt.defaults)  # dnnlab's own keys, never torch arguments
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model)
+    opt.step()  # fused / foreach kernels work on the CPU
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_lr_argument_overrides_the_configured_rate(make_cfg):
+    cfg = make_cfg("optimizer=nesterov", *SMALL)
+    opt = build_optimizer(cfg.optimizer, list(small_model(cfg).parameters()), CPU, lr=0.123)
+    assert opt.defaults["lr"] == 0.123 and opt.defaults["nesterov"] is True
+
+
+def test_fused_falls_back_to_foreach_on_other_devices(make_cfg):
+    cfg = make_cfg("optimizer=adam", *SMALL)
+    assert cfg.optimizer.fused is True
+    opt = build_optimizer(cfg.optimizer, list(small_model(cfg).parameters()), torch.device("mps"))
+    assert opt.defaults["fused"] is False and opt.defaults["foreach"] is True
+    assert build_optimizer(cfg.optimizer, list(small_model(cfg).parameters()), CPU).defaults["fused"] is True
+
+
+# --- (b) L1 / L2 penalties as gradient terms ---
+
+@pytest.mark.parametrize("reg,l1,l2", [("l2", 0.0, 0.01), ("l1", 0.01, 0.0), ("l1_l2", 0.01, 0.01)])
+def test_penalties_add_exactly_their_gradient_to_weight_matrices(make_cfg, reg, l1, l2):
+    cfg = make_cfg(f"regularizer={reg}", *SMALL)
+    model = small_model(cfg)
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    assert (rules.l1, rules.l2) == (l1, l2)
+    backward(model)
+    plain = grads(model)
+    rules.before_step()
+    weights = {id(m.weight) for m in linears(model)}
+    assert len(weights) == 3  # two hidden layers and the output layer, as Keras' kernel_regularizer on each
+    for name, p in model.named_parameters():
+        if id(p) in weights:
+            expected = 2 * l2 * p.detach() + l1 * torch.sign(p.detach())
+            torch.testing.assert_close(p.grad - plain[name], expected, rtol=1e-5, atol=1e-6)
+        else:  # biases (and any norm or PReLU parameters) are not penalised
+            assert torch.equal(p.grad, plain[name]), name
+
+
+@pytest.mark.parametrize("reg,l1,l2", [("l2", 0.0, 0.01), ("l1", 0.01, 0.0), ("l1_l2", 0.003, 0.02)])
+def test_penalties_equal_autograd_of_the_explicit_penalty(make_cfg, reg, l1, l2):
+    cfg = make_cfg(f"regularizer={reg}", *([f"regularizer.l1={l1}"] if l1 else []),
+                   *([f"regularizer.l2={l2}"] if l2 else []), *SMALL)
+    model = small_model(cfg)
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    backward(model)
+    rules.before_step()
+    via_rules = grads(model)
+    g = torch.Generator().manual_seed(1)  # the same batch as backward()
+    x, y = torch.rand(8, 784, generator=g), torch.randint(0, 10, (8,), generator=g)
+    model.zero_grad(set_to_none=True)
+    kernels = [m.weight for m in linears(model)]
+    penalty = sum(l1 * w.abs().sum() + l2 * (w ** 2).sum() for w in kernels)
+    (F.cross_entropy(model(x), y) + penalty).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(via_rules[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_no_penalty_leaves_gradients_alone(make_cfg):
+    cfg = make_cfg(*SMALL)
+    model = small_model(cfg)
+    backward(model)
+    plain = grads(model)
+    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
+
+
+# --- (c) max-norm ---
+
+def test_max_norm_caps_every_hidden_neurons_incoming_weights(make_cfg):
+    cfg = make_cfg("regularizer=max_norm", "regularizer.max_norm=1.0", *SMALL)
+    assert cfg.regularizer.max_norm == 1.0
+    model = small_model(cfg)
+    *hidden, out = linears(model)
+    with torch.no_grad():
+        for m in hidden:  # He init gives rows of norm ~sqrt(2) > 1; make the even rows short ones
+            m.weight[::2] *= 0.5 / m.weight[::2].norm(dim=1, keepdim=True)
+        out.weight.mul_(20)  # far above 1: must stay as it is
+    before = [m.weight.detach().clone() for m in hidden]
+    out_before = out.weight.detach().clone()
+    assert all((w.norm(dim=1) > 1).sum() > 0 for w in before)
+    GradientRules(model, cfg.regularizer, cfg.optimizer).after_step()
+    for m, w0 in zip(hidden, before):
+        norms, norms0 = m.weight.norm(dim=1), w0.norm(dim=1)
+        assert torch.all(norms <= 1.0 + 1e-6)
+        short = norms0 <= 1.0
+        assert torch.equal(m.weight[short], w0[short])  # already short: untouched
+        torch.testing.assert_close(norms[~short], torch.ones(int((~short).sum())), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.weight[~short], w0[~short] / norms0[~short, None], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.weight, out_before)
+
+
+def test_max_norm_radius_is_configurable_and_off_by_default(make_cfg):
+    cfg = make_cfg("regularizer=max_norm", "regularizer.max_norm=0.3", *SMALL)
+    model = small_model(cfg)
+    GradientRules(model, cfg.regularizer, cfg.optimizer).after_step()
+    assert all(torch.all(m.weight.norm(dim=1) <= 0.3 + 1e-6) for m in linears(model)[:-1])
+    plain_cfg = make_cfg(*SMALL)
+    plain = small_model(plain_cfg)
+    w0 = [m.weight.detach().clone() for m in linears(plain)]
+    GradientRules(plain, plain_cfg.regularizer, plain_cfg.optimizer).after_step()
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears(plain), w0))
+
+
+# --- (d) gradient clipping ---
+
+def test_clip_value_bounds_every_component(make_cfg):
+    cfg = make_cfg("optimizer.clip_value=0.001", *SMALL)
+    model = small_model(cfg)
+    backward(model, scale=10.0)
+    plain = grads(model)
+    assert max(g.abs().max() for g in plain.values()) > 0.01
+    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name].clamp(-0.001, 0.001), rtol=0, atol=0)
+
+
+def global_norm(gs) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])).item()
+
+
+def test_clip_norm_rescales_the_whole_gradient(make_cfg):
+    cfg = make_cfg("optimizer.clip_norm=0.5", *SMALL)
+    model = small_model(cfg)
+    backward(model, scale=100.0)
+    plain = grads(model)
+    total = global_norm(plain.values())
+    assert total > 5
+    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    assert global_norm(p.grad for p in model.parameters()) == pytest.approx(0.5, rel=1e-4)
+    for name, p in model.named_parameters():  # one factor for all: the direction is kept
+        torch.testing.assert_close(p.grad, plain[name] * (0.5 / total), rtol=1e-4, atol=1e-8)
+
+
+def test_clip_norm_leaves_a_small_gradient_unchanged(make_cfg):
+    cfg = make_cfg("optimizer.clip_norm=1000.0", *SMALL)
+    model = small_model(cfg)
+    backward(model)
+    plain = grads(model)
+    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
+
+
+# --- (e) layer placement in build_mlp ---
+
+def test_dropout_top_k_only_after_the_top_hidden_layers(make_cfg):
+    cfg = make_cfg("regularizer=dropout", "regularizer.dropout.top_k=2", "model.n_hidden=4", "model.n_neurons=8")
+    model = build_mlp(cfg, 10)
+    assert kinds(model) == ["Flatten"] + ["Linear", "ELU"] * 2 + ["Linear", "ELU", "Dropout"] * 2 + ["Linear"]
+    assert all(m.p == 0.2 for m in leaves(model) if isinstance(m, nn.Dropout))
+
+
+def test_dropout_everywhere_by_default_and_on_the_input(make_cfg):
+    cfg = make_cfg("regularizer=dropout", "regularizer.dropout.input=true", "regularizer.dropout.rate=0.3", *SMALL)
+    model = build_mlp(cfg, 10)
+    assert kinds(model) == ["Flatten", "Dropout"] + ["Linear", "ELU", "Dropout"] * 2 + ["Linear"]
+    assert all(m.p == 0.3 for m in leaves(model) if isinstance(m, nn.Dropout))
+
+
+def test_alpha_dropout_placement(make_cfg):
+    cfg = make_cfg("activation=selu", "init=lecun_normal", "regularizer=alpha_dropout",
+                   "regularizer.alpha_dropout.top_k=1", *SMALL)
+    model = build_mlp(cfg, 10)
+    assert kinds(model) == ["Flatten", "Linear", "SELU", "Linear", "SELU", "AlphaDropout", "Linear"]
+
+
+def test_dropout_is_active_in_training_only(make_cfg):
+    model = build_mlp(make_cfg("regularizer=dropout", "regularizer.dropout.rate=0.5", *SMALL), 10)
+    x = torch.rand(4, 784)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_batchnorm_before_the_activation_drops_the_bias(make_cfg):
+    model = build_mlp(make_cfg("norm=batchnorm", *SMALL), 10)
+    assert kinds(model) == ["Flatten"] + ["Linear", "BatchNorm1d", "ELU"] * 2 + ["Linear"]
+    *hidden, out = linears(model)
+    assert all(m.bias is None for m in hidden) and out.bias is not None
+    bns = [m for m in leaves(model) if isinstance(m, nn.BatchNorm1d)]
+    assert [(b.num_features, b.momentum, b.eps) for b in bns] == [(16, 0.01, 0.001)] * 2
+
+
+def test_batchnorm_after_the_activation_keeps_the_bias(make_cfg):
+    model = build_mlp(make_cfg("norm=batchnorm", "norm.position=after", *SMALL), 10)
+    assert kinds(model) == ["Flatten"] + ["Linear", "ELU", "BatchNorm1d"] * 2 + ["Linear"]
+    assert all(m.bias is not None for m in linears(model))
+
+
+def test_input_batchnorm_first(make_cfg):
+    model = build_mlp(make_cfg("norm=input_batchnorm", *SMALL), 10)
+    assert kinds(model) == ["Flatten", "BatchNorm1d"] + ["Linear", "ELU"] * 2 + ["Linear"]
+    bn = leaves(model)[1]
+    assert bn.num_features == 784 and bn.momentum == 0.01 and bn.eps == 0.001
+    assert all(m.bias is not None for m in linears(model))
+
+
+def test_layernorm_works_at_batch_size_one(make_cfg):
+    model = build_mlp(make_cfg("norm=layernorm", *SMALL), 10)
+    assert kinds(model) == ["Flatten"] + ["Linear", "LayerNorm", "ELU"] * 2 + ["Linear"]
+    lns = [m for m in leaves(model) if isinstance(m, nn.LayerNorm)]
+    assert [(m.normalized_shape, m.eps) for m in lns] == [((16,), 0.001)] * 2
+    model.train()
+    assert model(torch.rand(1, 784)).shape == (1, 10)  # BN would fail on one example
+
+
+def test_prelu_has_one_slope_per_unit(make_cfg):
+    model = build_mlp(make_cfg("activation=prelu", "model.n_hidden=2", "model.n_neurons=[12,7]"), 10)
+    prelus = [m for m in leaves(model) if isinstance(m, nn.PReLU)]
+    assert [m.num_parameters for m in prelus] == [12, 7]
+    assert all(torch.all(m.weight == 0.25) for m in prelus)
+
+
+def test_regularizer_list_combines_l2_and_dropout(make_cfg):
+    cfg = make_cfg("regularizer=[l2,dropout]", *SMALL)
+    assert cfg.regularizer.l2 == 0.01 and cfg.regularizer.dropout.rate == 0.2
+    model = small_model(cfg)
+    assert kinds(model).count("Dropout") == 2
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    model.eval()  # no dropout noise, so the gradient is the same before and after
+    backward(model)
+    plain = grads(model)
+    rules.before_step()
+    for m in linears(model):
+        name = next(n for n, p in model.named_parameters() if p is m.weight)
+        torch.testing.assert_close(m.weight.grad - plain[name], 0.02 * m.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_regularizer_list_combines_max_norm_and_l1(make_cfg):
+    cfg = make_cfg("regularizer=[l1,max_norm]", *SMALL)
+    rules = GradientRules(small_model(cfg), cfg.regularizer, cfg.optimizer)
+    assert rules.l1 == 0.01 and rules.max_norm == 1.0
