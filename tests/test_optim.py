@@ -279,6 +279,8 @@ def test_layernorm_works_at_batch_size_one(make_cfg):
     assert kinds(model) == ["Flatten"] + ["Linear", "LayerNorm", "ELU"] * 2 + ["Linear"]
     lns = [m for m in leaves(model) if isinstance(m, nn.LayerNorm)]
     assert [(m.normalized_shape, m.eps) for m in lns] == [((16,), 0.001)] * 2
+    # LN(Wx + b) still depends on b (unlike BN, whose shift absorbs it), so the hidden Linear layers keep it
+    assert all(m.bias is not None for m in leaves(model) if isinstance(m, nn.Linear))
     model.train()
     assert model(torch.rand(1, 784)).shape == (1, 10)  # BN would fail on one example
 
