@@ -5,6 +5,7 @@ USAGE = """usage: dnnlab COMMAND [args]
 
 commands:
   train [overrides]   train a network; a full Hydra app (-m for sweeps, --help lists every group and option)
+  pretrain [overrides] pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit
   data [NAME]         find (or download) a dataset and print where it is: mnist, fashion_mnist
 """
 
@@ -30,6 +31,11 @@ def main() -> None:
 
         sys.argv = [sys.argv[0]] + args[1:]  # Hydra parses the rest of the command line
         train_main()
+    elif command == "pretrain":
+        from dnnlab.pretrain import main as pretrain_main
+
+        sys.argv = [sys.argv[0]] + args[1:]
+        pretrain_main()
     elif command == "data":
         data_command(args[1:])
     elif command in (None, "-h", "--help"):

@@ -69,16 +69,26 @@ def _version(package: str) -> str | None:
         return None
 
 
+def source_version() -> dict:
+    """The git commit of a source checkout of dnnlab, and whether it had uncommitted changes (not for wheels)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / ".git").exists():
+        return {"git_commit": None, "git_dirty": None}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5).stdout
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD").strip() or None,
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
 def environment(device: torch.device) -> dict:
     """Everything needed to tell two runs' machines and software apart."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {
-        "argv": sys.argv,
+        "argv": sys.orig_argv,  # as typed: the CLI rewrites sys.argv for Hydra
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -87,7 +97,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "git_commit": commit,
+        **source_version(),
         "packages": {p: _version(p) for p in ("dnnlab", "torch", "torchvision", "hydra-core", "omegaconf",
                                               "numpy", "rich", "matplotlib", "tensorboard")},
     }

@@ -101,7 +101,7 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.monitor is not None and self.bad_epochs >= self.patience
+        return self.monitor is not None and self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
     @property
     def best_value(self) -> float:
@@ -264,18 +264,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def objective(summary: dict, cfg: DictConfig) -> float:
+def objective(summary: dict) -> float:
     """The value a Hydra sweeper optimises: the monitored metric at the best epoch (NaN if the run failed)."""
-    value = summary.get(cfg.trainer.early_stopping.monitor or "val_acc")
+    value = summary.get(summary.get("monitor") or "val_acc")
     return math.nan if value is None or summary["status"] != "completed" else value
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def run_task(job, cfg: DictConfig) -> float:
+    """Run `job(cfg, run_dir)` as a Hydra task: bad input is one line and exit 2 (a recorded failure in a sweep)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        summary = train(cfg, run_dir)
+        summary = job(cfg, run_dir)
     except DnnlabError as e:
         error(str(e))
         if multirun:  # record the failed job and let the sweep go on
@@ -286,4 +286,9 @@ def main(cfg: DictConfig) -> float:
         error(f"diverged at {summary['reason']}; try a lower optimizer.lr, optimizer.clip_norm=1.0 or another init")
         if not multirun:
             sys.exit(3)
-    return objective(summary, cfg)
+    return objective(summary)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return run_task(train, cfg)

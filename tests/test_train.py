@@ -186,5 +186,23 @@ def test_the_task_returns_the_monitored_metric(make_cfg, tmp_path):
     for monitor in ("val_loss", "val_acc"):
         cfg = make_cfg(f"trainer.early_stopping.monitor={monitor}")
         summary = train(cfg, tmp_path / monitor)
-        assert objective(summary, cfg) == summary[monitor]
-    assert math.isnan(objective({"status": "diverged", "val_loss": 1.0}, cfg))  # a sweeper must not prefer it
+        assert objective(summary) == summary[monitor]
+    assert math.isnan(objective({"status": "diverged", "monitor": "val_loss", "val_loss": 1.0}))  # a sweeper must not prefer it
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement(make_cfg, tmp_path):
+    summary = train(make_cfg("trainer.epochs=30", "trainer.early_stopping.patience=0", "optimizer.lr=0.05"), tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    losses = [float(r["val_loss"]) for r in rows]
+    assert all(b < a for a, b in zip(losses, losses[1:-1]))  # it went on while the loss fell...
+    assert summary["stopped_early"] and losses[-1] >= min(losses[:-1])  # ...and stopped at the first rise
+
+
+def test_environment_records_the_command_and_versions(make_cfg, tmp_path):
+    import sys
+
+    train(make_cfg(), tmp_path)
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["argv"] == sys.orig_argv and env["python"] == sys.version.split()[0]
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    assert {"platform", "cpu_count", "torch_threads", "device", "packages"} <= set(env)
