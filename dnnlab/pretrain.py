@@ -86,6 +86,10 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
     p, hidden = cfg.pretrain, [model._modules[f"hidden{i + 1}"] for i in range(len(widths(cfg.model)))]
     make_act = instantiate(cfg.activation)
     sizes = [28 * 28] + widths(cfg.model)
+
+    def corrupt(x):  # a denoising autoencoder must learn structure, not the identity
+        return x + p.noise * torch.randn_like(x) if p.noise else x
+
     if p.kind == "autoencoder" and p.greedy:
         result = []
         for i, block in enumerate(hidden):
@@ -95,12 +99,12 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
             def loss(x, below=below, ae=ae):
                 with torch.no_grad():
                     target = below.eval()(x)
-                return F.mse_loss(ae(target), target)
+                return F.mse_loss(ae(corrupt(target)), target)
             result.append((f"layer {i + 1}", ae, loss))
         return result
     if p.kind == "autoencoder":
         ae = nn.Sequential(model.input, *hidden, decoder(sizes[::-1], make_act))
-        return [("stack", ae, lambda x: F.mse_loss(ae(x), x.flatten(1)))]
+        return [("stack", ae, lambda x: F.mse_loss(ae(corrupt(x)), x))]
     return [("same digit", SameDigit(nn.Sequential(model.input, *hidden), sizes[-1], p.head_units, make_act), None)]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import statistics
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from dnnlab.checkpoint import atomic_write
 from dnnlab.ui import console
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The same config `dnnlab train OVERRIDES` would get."""
+def compose_config(overrides: list[str], name: str = "train") -> DictConfig:
+    """The same config `dnnlab train OVERRIDES` would get (name="pretrain_app": `dnnlab pretrain`)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(name, overrides=list(overrides))
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:
@@ -26,6 +27,17 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     from dnnlab.train import train
 
     return train(compose_config(overrides), Path(run_dir))
+
+
+def run_pretrain(overrides: list[str], run_dir: Path) -> dict:
+    from dnnlab.pretrain import pretrain
+
+    return pretrain(compose_config(overrides, "pretrain_app"), Path(run_dir))
+
+
+def slug(name: str) -> str:
+    """A folder name for a row of a comparison: 'unfreeze the top two' -> 'unfreeze_the_top_two'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

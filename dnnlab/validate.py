@@ -148,6 +148,7 @@ RULES = {
     "pretrain.greedy": BOOL,
     "pretrain.epochs": (int_min(1), "an integer >= 1"),
     "pretrain.head_units": (int_min(1), "an integer >= 1"),
+    "pretrain.noise": NON_NEGATIVE,
     "transfer.source": (optional(lambda v: isinstance(v, str) and v != ""), "null or a run directory or checkpoint"),
     "transfer.reuse_layers": (lambda v: v == "all" or int_min(1)(v), "all or an integer >= 1"),
     "transfer.freeze": BOOL,

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from dnnlab.runs import mean_spread, run, write_table
+from dnnlab.runs import mean_spread, run, slug, write_table
 
 # (name, overrides of experiment=transfer_5_9, the book's notebook test accuracy in %)
 VARIANTS = [
@@ -45,7 +45,7 @@ def main() -> None:
     for name, overrides, book in VARIANTS:
         results = []
         for seed in range(args.seeds):
-            run_dir = args.out / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
+            run_dir = args.out / slug(name) / f"seed{seed}"
             reuse = [] if "transfer=none" in overrides else [f"transfer.source={source}"]
             results.append(run(["experiment=transfer_5_9", *reuse, f"trainer.seed={seed}", f"data.seed={seed}",
                                 *overrides, *quiet], run_dir))
