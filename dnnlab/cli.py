@@ -6,6 +6,7 @@ USAGE = """usage: dnnlab COMMAND [args]
 commands:
   train [overrides]   train a network; a full Hydra app (-m for sweeps, --help lists every group and option)
   pretrain [overrides] pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit
+  report DIR          a table (and CSV, Markdown, PNG plots) of a run or a sweep directory
   data [NAME]         find (or download) a dataset and print where it is: mnist, fashion_mnist
 """
 
@@ -36,6 +37,10 @@ def main() -> None:
 
         sys.argv = [sys.argv[0]] + args[1:]
         pretrain_main()
+    elif command == "report":
+        from dnnlab.report import main as report_main
+
+        report_main(args[1:])
     elif command == "data":
         data_command(args[1:])
     elif command in (None, "-h", "--help"):

@@ -7,3 +7,7 @@ class DnnlabError(Exception):
 
 def bad_value(key: str, value, allowed: str) -> DnnlabError:
     return DnnlabError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+class Pruned(Exception):
+    """A sweeper's pruner stopped this trial early (not an error: the run is recorded as pruned)."""

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, checkpoint, transfer, validate
 from dnnlab.data import Splits, load
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import build_mlp, widths
 from dnnlab.optim import GradientRules, build_optimizer, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
@@ -182,6 +182,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     write_json(run_dir / "environment.json", environment(device))
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     generator = torch.Generator(device=device).manual_seed(t.seed)
+    report = None
+    if cfg.get("trial"):  # an Optuna trial: report every epoch to the study, whose pruner may stop the run
+        from dnnlab.trial import reporter
+
+        report = reporter(cfg.trial)
 
     def save(name: str, epoch: int, step: int) -> None:
         checkpoint.save(run_dir / "checkpoints" / name, {
@@ -228,10 +233,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     if t.checkpoint_every and epoch % t.checkpoint_every == 0:
                         save(f"epoch_{epoch}.pt", epoch, step + phase_step)
                     progress.epoch(row)
+                    if report:
+                        report(row)
                     if stopper.should_stop:
                         break
             except Diverged as e:
                 status, reason = "diverged", f"epoch {len(rows) + 1}, {e}"
+            except Pruned as e:
+                status, reason = "pruned", str(e)
             step += phase_step
             done[-1]["epochs"] = len(rows) + 1 - done[-1]["first_epoch"]
             if status != "completed":
@@ -240,7 +249,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
         model.load_state_dict(stopper.best_state)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if status == "completed" \
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if status != "diverged" \
         else (math.nan, math.nan)
     best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
     summary = {
