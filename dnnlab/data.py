@@ -139,14 +139,21 @@ def _per_class(y: np.ndarray, n: int, rng: np.random.Generator, key: str) -> np.
 
 
 def load(cfg, device: torch.device) -> Splits:
-    """Read, split (last val_size training images for validation), filter classes, subsample, standardize."""
+    """Read, split (the last val_size training images, or one of `folds` folds, for validation), filter classes,
+    subsample, standardize."""
     folder = locate(cfg.name, cfg.root)
     x_full, y_full = read_split(folder, "train")
     x_test, y_test = read_split(folder, "test")
-    if not 1 <= cfg.val_size < len(x_full):
-        raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1}")
-    cut = len(x_full) - cfg.val_size
-    parts = {"train": (x_full[:cut], y_full[:cut]), "val": (x_full[cut:], y_full[cut:]), "test": (x_test, y_test)}
+    if cfg.folds:  # cross-validation: fold i of a seeded shuffle of the training images validates
+        folds = np.array_split(np.random.default_rng(cfg.seed).permutation(len(x_full)), cfg.folds)
+        val_idx = np.sort(folds[cfg.fold])
+        train_idx = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != cfg.fold]))
+    else:
+        if not 1 <= cfg.val_size < len(x_full):
+            raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1}")
+        train_idx, val_idx = np.arange(len(x_full) - cfg.val_size), np.arange(len(x_full) - cfg.val_size, len(x_full))
+    parts = {"train": (x_full[train_idx], y_full[train_idx]), "val": (x_full[val_idx], y_full[val_idx]),
+             "test": (x_test, y_test)}
 
     classes = list(cfg.classes) if cfg.classes is not None else list(range(10))
     relabel = np.full(10, -1, dtype=np.int64)

@@ -108,13 +108,13 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
     return [("same digit", SameDigit(nn.Sequential(model.input, *hidden), sizes[-1], p.head_units, make_act), None)]
 
 
-def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
+def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     validate.check(cfg)
     t, p = cfg.trainer, cfg.pretrain
     if p.kind == "same_digit" and cfg.data.n_per_class is not None:
         log.warning("same_digit pairs come from data.n_per_class=%s images per class", cfg.data.n_per_class)
     device = pick_device(t.device)
-    torch.set_num_threads(pick_threads(t.threads, cfg))
+    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
     seed_everything(t.seed, t.deterministic)
     data = load(cfg.data, device)
     restrict(data, t)

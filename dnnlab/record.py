@@ -103,13 +103,30 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def plot_learning_curves(rows: list[dict], path: Path) -> None:
-    """The book's history plot: loss and accuracy, training against validation, per epoch."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed; safe in threads and on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> None:
+    """Render a figure to PNG in memory, close it, then write the bytes atomically (never a half-written image)."""
+    plt = pyplot()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", **{"dpi": 100, **savefig_kwargs})
+    finally:
+        plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    """The book's history plot: loss and accuracy, training against validation, per epoch."""
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "acc")):
@@ -120,7 +137,4 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
         ax.grid(True)
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    save_figure(fig, path)

@@ -39,12 +39,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_threads(setting, cfg: DictConfig) -> int:
-    """Small batches of small networks run faster on one thread: splitting a 32x100 matmul costs more than it saves."""
+def pick_threads(setting, cfg: DictConfig, parallel_jobs: int = 1) -> int:
+    """CPU threads for this job: its share of the cores when jobs run side by side (joblib launcher), and just one
+    for small batches of small networks, where splitting a 32x100 matmul costs more than it saves."""
     if setting != "auto":
         return setting
+    share = max(1, len(os.sched_getaffinity(0)) // parallel_jobs)
     widest = max(widths(cfg.model), default=1)
-    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else (os.cpu_count() or 1)
+    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else share
+
+
+def parallel_jobs() -> int:
+    """How many jobs the Hydra launcher runs at once (n_jobs of the joblib launcher; 1 otherwise)."""
+    n = HydraConfig.get().launcher.get("n_jobs")
+    return 1 if n is None else (os.cpu_count() or 1) if n < 0 else n
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -157,12 +165,12 @@ def phases(cfg: DictConfig) -> list[tuple[str, float]]:
     return first
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     validate.check(cfg)
     t = cfg.trainer
     device = pick_device(t.device)
-    torch.set_num_threads(pick_threads(t.threads, cfg))
+    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
     seed_everything(t.seed, t.deterministic)
     if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
@@ -280,11 +288,12 @@ def objective(summary: dict) -> float:
 
 
 def run_task(job, cfg: DictConfig) -> float:
-    """Run `job(cfg, run_dir)` as a Hydra task: bad input is one line and exit 2 (a recorded failure in a sweep)."""
+    """Run `job(cfg, run_dir, parallel_jobs)` as a Hydra task: bad input is one line and exit 2 (a recorded failure
+    in a sweep, which goes on)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        summary = job(cfg, run_dir)
+        summary = job(cfg, run_dir, parallel_jobs())
     except DnnlabError as e:
         error(str(e))
         if multirun:  # record the failed job and let the sweep go on

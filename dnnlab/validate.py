@@ -75,6 +75,8 @@ RULES = {
     "data.n_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.val_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.val_size": (lambda v: integer(v) and 1 <= v < 60000, "an integer from 1 to 59999"),
+    "data.folds": (optional(int_min(2)), "null or an integer >= 2 (k-fold cross-validation)"),
+    "data.fold": (int_min(0), "an integer from 0 to data.folds - 1"),
     "data.standardize": (one_of("none", "global", "per_pixel"), "none, global or per_pixel"),
     "data.seed": (integer, "an integer"),
     "model.n_hidden": (int_min(0), "an integer >= 0"),
@@ -224,6 +226,8 @@ def check(cfg: DictConfig) -> None:
     if OmegaConf.is_list(cfg.model.n_neurons) and len(cfg.model.n_neurons) != cfg.model.n_hidden:
         raise bad_value("model.n_hidden", cfg.model.n_hidden,
                         f"the length of model.n_neurons ({len(cfg.model.n_neurons)}) when n_neurons is a list")
+    if cfg.data.get("folds") and cfg.data.fold >= cfg.data.folds:
+        raise bad_value("data.fold", cfg.data.fold, f"an integer from 0 to {cfg.data.folds - 1} (data.folds - 1)")
     reg = cfg.regularizer
     if reg.get("dropout") and reg.get("alpha_dropout"):
         raise DnnlabError("regularizer: choose dropout or alpha_dropout, not both")

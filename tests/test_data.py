@@ -424,3 +424,25 @@ def test_real_datasets_match_the_published_facts():
     _, yt = read_split(fashion, "test")
     assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(yt).tolist() == [1000] * 10
     assert mean_std(x) == pytest.approx((0.2860, 0.3530), abs=5e-4)
+
+
+def test_k_fold_cross_validation_splits(make_cfg):
+    from dnnlab.data import load
+
+    k, seen = 5, []
+    for fold in range(k):
+        data = load(make_cfg("data.folds=5", f"data.fold={fold}").data, torch.device("cpu"))
+        assert len(data.x_train) + len(data.x_val) == 10 * N_TRAIN_PER_CLASS
+        assert len(data.x_val) == 10 * N_TRAIN_PER_CLASS // k
+        seen.append({tuple(row.tolist()) for row in data.x_val[:, :64]})  # pixel rows identify images here
+        assert not seen[-1] & {tuple(row.tolist()) for row in data.x_train[:, :64]}  # held out, not trained on
+    assert len(set().union(*seen)) == 10 * N_TRAIN_PER_CLASS  # the folds cover every training image once
+    again = load(make_cfg("data.folds=5", "data.fold=2").data, torch.device("cpu"))
+    assert {tuple(r.tolist()) for r in again.x_val[:, :64]} == seen[2]  # the same seed gives the same folds
+
+
+def test_fold_must_be_below_folds(make_cfg, tmp_path):
+    from dnnlab.train import train
+
+    with pytest.raises(DnnlabError, match=r"data\.fold=5 is not allowed: an integer from 0 to 4"):
+        train(make_cfg("data.folds=5", "data.fold=5"), tmp_path)

@@ -29,6 +29,7 @@ EXPECTED = {
     "normal": ("normal", 1.0),
     "constant": ("constant", 0.0),
     "orthogonal": ("orthogonal", None),
+    "auto": ("normal", 2 / FAN_IN),  # with the default activation, ELU: He
 }
 
 
@@ -130,3 +131,9 @@ def test_mlp_hidden_layers_follow_the_configured_formula(make_cfg):
     assert first.weight.abs().max().item() > 4 * math.sqrt(1 / 784)  # normal, not uniform
     assert second.weight.double().var().item() == pytest.approx(1 / 300, rel=0.03)
     assert out.weight.abs().max().item() <= math.sqrt(6 / 310)
+
+
+@pytest.mark.parametrize("activation,var", [("selu", 1 / FAN_IN), ("sigmoid", 1 / FAN_AVG), ("tanh", 1 / FAN_AVG),
+                                            ("relu", 2 / FAN_IN), ("leaky_relu", 2 / FAN_IN), ("gelu", 2 / FAN_IN)])
+def test_auto_init_follows_the_books_table_for_each_activation(make_cfg, activation, var):
+    assert_moments(init_layer(make_cfg("init=auto", f"activation={activation}")).weight.detach(), var)
