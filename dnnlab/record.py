@@ -24,20 +24,26 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 class Recorder:
-    """Appends one complete metrics row per epoch to metrics.csv and TensorBoard."""
+    """Appends one complete metrics row per epoch to metrics.csv and TensorBoard.
 
-    def __init__(self, run_dir: Path):
+    keep_epochs: the epochs already done (a resumed run): metrics.csv keeps exactly those rows (a crash may have
+    left one more, written after the last checkpoint) and TensorBoard drops its later events.
+    """
+
+    def __init__(self, run_dir: Path, keep_epochs: int = 0):
         self.run_dir = Path(run_dir)
+        self.csv_path = self.run_dir / "metrics.csv"
         try:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            self.csv_path = self.run_dir / "metrics.csv"
-            if not self.csv_path.exists():
-                self._append(",".join(COLUMNS) + "\n")
+            kept = self.csv_path.read_text().splitlines(keepends=True)[1:keep_epochs + 1] if keep_epochs else []
+            if len(kept) < keep_epochs:
+                raise DnnlabError(f"{self.csv_path} has {len(kept)} rows but the checkpoint {keep_epochs} epochs")
+            atomic_write(self.csv_path, ("".join([",".join(COLUMNS) + "\n", *kept])).encode())
         except OSError as e:
             raise DnnlabError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}") from None
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
 
-        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=keep_epochs + 1 if keep_epochs else None)
 
     def _append(self, text: str) -> None:
         with open(self.csv_path, "a") as f:  # one write of a whole row, flushed to disk

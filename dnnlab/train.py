@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -22,7 +24,7 @@ from dnnlab.data import Splits, load
 from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import build_mlp, widths
 from dnnlab.optim import GradientRules, build_optimizer, set_momentum
-from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
+from dnnlab.record import Recorder, environment, plot_learning_curves, read_metrics, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.ui import Progress, error, print_summary
 
@@ -107,26 +109,42 @@ class EarlyStopping:
         self.bad_epochs += 1
         return False
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+        self.best_state = state["best_state"]
+
     @property
     def should_stop(self) -> bool:
         return self.monitor is not None and self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
-    @property
-    def best_value(self) -> float:
-        return self.sign * self.best
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the step under way finished. `position` is where the epoch stopped."""
+
+    def __init__(self, position: dict):
+        super().__init__("interrupted")
+        self.position = position
 
 
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
-                autocast, progress) -> tuple[float, float, int, float]:
+                autocast, progress, stop: threading.Event, position: dict | None = None
+                ) -> tuple[float, float, int, float]:
     """One pass over the training split in a seeded random order: (mean loss, accuracy, global step, last lr).
-    Loss and accuracy accumulate on the device; on CUDA the host waits only every 100 steps (finiteness check)."""
+    Loss and accuracy accumulate on the device; on CUDA the host waits only every 100 steps (finiteness check).
+    `position` continues an epoch that a signal interrupted (its order, steps done and sums so far)."""
     device = x_all.device
     check_every = 1 if device.type == "cpu" else 100
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    perm = torch.randperm(len(x_all), device=device, generator=generator)
+    if position is None:
+        position = {"perm": torch.randperm(len(x_all), device=device, generator=generator), "i": 0,
+                    "loss_sum": torch.zeros((), device=device),
+                    "correct": torch.zeros((), device=device, dtype=torch.long), "lr": schedule.lr(step)}
+    perm, loss_sum, correct, lr = position["perm"], position["loss_sum"], position["correct"], position["lr"]
     net.train()
-    for i in range(steps):
+    for i in range(position["i"], steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
         x, y = x_all[idx], y_all[idx]
         lr, momentum = schedule.lr(step), schedule.momentum(step)
@@ -149,11 +167,30 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
             raise Diverged(f"step {step}: loss is {loss.item()}")
         if i % 50 == 0:
             progress.step(i)
+        if stop.is_set():
+            raise Interrupted({"perm": perm, "i": i + 1, "loss_sum": loss_sum, "correct": correct, "lr": lr,
+                               "step": step})
     n = min(len(x_all), steps * batch_size)
     mean_loss = loss_sum.item() / n
     if not math.isfinite(mean_loss):
         raise Diverged(f"step {step}: mean training loss is {mean_loss}")
     return mean_loss, correct.item() / n, step, lr
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM set an event instead of killing the process, so the step under way can finish and a
+    checkpoint can be written (signal handlers exist only in the main thread; elsewhere nothing changes)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def phases(cfg: DictConfig) -> list[tuple[str, float]]:
@@ -163,6 +200,41 @@ def phases(cfg: DictConfig) -> list[tuple[str, float]]:
     if cfg.transfer.source and cfg.transfer.unfreeze_top != 0:
         return first + [(f"unfreeze {cfg.transfer.unfreeze_top}", lr * cfg.transfer.unfreeze_lr_factor)]
     return first
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random generator a run draws from: the global ones (init, dropout, RReLU) and the shuffling one."""
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def comparable(config_text: str) -> str:
+    """The config without the keys that may change between an interrupted run and its resumption."""
+    cfg = OmegaConf.create(config_text)
+    cfg.trainer.resume = cfg.trainer.progress = None
+    return OmegaConf.to_yaml(cfg)
+
+
+def resume_point(run_dir: Path, t: DictConfig, config_text: str) -> dict | None:
+    """The last checkpoint of this same run, when resuming (asked for, or a run directory reused), else None."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        if t.resume:
+            log.warning("trainer.resume=true but %s does not exist: starting from scratch", last)
+        return None
+    state = checkpoint.load(last)
+    if comparable(state["config"]) != comparable(config_text):
+        raise DnnlabError(f"{run_dir} holds a run with a different config; resume it with the same overrides or "
+                          "choose another hydra.run.dir (nothing was changed)")
+    log.info("resuming from %s (epoch %d)", last, state["epoch"])
+    return state
 
 
 def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
@@ -186,9 +258,11 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     steps_per_epoch = math.ceil(n / bs) - (n % bs == 1 and n > 1)  # a lone last example would break BatchNorm
     stopper = EarlyStopping(t.early_stopping)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-    recorder = Recorder(run_dir)
-    write_json(run_dir / "environment.json", environment(device))
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    resume = resume_point(run_dir, t, config_text)
+    recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0)
+    rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]
+    write_json(run_dir / "environment.json", environment(device))
     generator = torch.Generator(device=device).manual_seed(t.seed)
     report = None
     if cfg.get("trial"):  # an Optuna trial: report every epoch to the study, whose pruner may stop the run
@@ -196,18 +270,34 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
 
         report = reporter(cfg.trial)
 
-    def save(name: str, epoch: int, step: int) -> None:
+    def save(name: str, position: dict | None = None) -> None:
+        """Everything needed to continue exactly from here (the end of an epoch, or `position` within one)."""
         checkpoint.save(run_dir / "checkpoints" / name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": epoch, "step": step, "phase": phase, "config": config_text, "classes": list(data.classes)})
+            "epoch": len(rows), "step": step + phase_step, "phase": phase, "phase_step": phase_step,
+            "phase_epochs": phase_epochs, "phases": phase_log, "cache_seconds": cache_seconds,
+            "stopper": stopper.state_dict(), "rng": rng_state(generator), "position": position,
+            "config": config_text, "classes": list(data.classes)})
 
-    rows, status, reason, step, cache_seconds, done = [], "completed", None, 0, 0.0, []
-    with Progress(t.epochs * len(phases(cfg)), steps_per_epoch, enabled=t.progress) as progress:
-        for phase, (phase_name, lr0) in enumerate(phases(cfg)):
+    status, reason, position = "completed", None, None
+    step, cache_seconds, phase_log = 0, 0.0, []
+    if resume:
+        step, cache_seconds, phase_log = resume["step"] - resume["phase_step"], resume["cache_seconds"], resume["phases"]
+        stopper.load_state_dict(resume["stopper"])
+    plan = phases(cfg)
+    with Progress(t.epochs * len(plan), steps_per_epoch, enabled=t.progress) as progress, \
+            stop_on_signals() as stop:
+        for phase, (phase_name, lr0) in enumerate(plan):
+            resuming = resume is not None and phase == resume["phase"]
+            if resume is not None and phase < resume["phase"]:
+                continue
             if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
-                model.load_state_dict(stopper.best_state)
-                done[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
-                stopper.bad_epochs = 0
+                if not resuming:
+                    model.load_state_dict(stopper.best_state)
+                    stopper.bad_epochs = 0
+                phase_log[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
+            if resuming:
+                model.load_state_dict(resume["model"])
             frozen, net = transfer.split_frozen(model)
             x_train, x_val = data.x_train, data.x_val
             if reused and cfg.transfer.cache and len(frozen):  # the frozen layers' outputs, computed once
@@ -220,45 +310,57 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
             rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
             schedule = build_schedule(cfg.schedule, lr0, t.epochs * steps_per_epoch, steps_per_epoch)
-            done.append({"phase": phase_name, "lr": lr0, "first_epoch": len(rows) + 1})
-            phase_step = 0
+            if resuming:
+                optimizer.load_state_dict(resume["optimizer"])
+                schedule.load_state_dict(resume["schedule"])
+                set_rng_state(resume["rng"], generator)
+                phase_step, phase_epochs, position = resume["phase_step"], resume["phase_epochs"], resume["position"]
+            else:
+                phase_log.append({"phase": phase_name, "lr": lr0, "first_epoch": len(rows) + 1})
+                phase_step, phase_epochs = 0, 0
             try:
-                for _ in range(t.epochs):
-                    start = time.perf_counter()
-                    train_loss, train_acc, phase_step, lr = train_epoch(
-                        net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule, phase_step,
-                        generator, autocast, progress)
+                while phase_epochs < t.epochs and not stopper.should_stop:
+                    start = time.perf_counter() - (position["elapsed"] if position else 0.0)
+                    try:
+                        train_loss, train_acc, phase_step, lr = train_epoch(
+                            net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule, phase_step,
+                            generator, autocast, progress, stop, position)
+                    except Interrupted as e:
+                        phase_step = e.position["step"]
+                        save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})
+                        status, reason = "interrupted", f"signal during epoch {len(rows) + 1}, step {phase_step}"
+                        break
+                    position = None
                     val_loss, val_acc = evaluate(net, x_val, data.y_val, autocast)
-                    epoch = len(rows) + 1
-                    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                           "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - start}
+                    phase_epochs += 1
+                    row = {"epoch": len(rows) + 1, "train_loss": train_loss, "train_acc": train_acc,
+                           "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - start}
                     rows.append(row)
                     recorder.log_epoch(row)
                     schedule.end_epoch(val_loss)
-                    if stopper.update(row, model):
-                        save("best.pt", epoch, step + phase_step)
-                    save("last.pt", epoch, step + phase_step)
-                    if t.checkpoint_every and epoch % t.checkpoint_every == 0:
-                        save(f"epoch_{epoch}.pt", epoch, step + phase_step)
+                    improved = stopper.update(row, model)
+                    save("last.pt")  # first: it alone is what a resumption reads
+                    if improved:
+                        save("best.pt")
+                    if t.checkpoint_every and row["epoch"] % t.checkpoint_every == 0:
+                        save(f"epoch_{row['epoch']}.pt")
                     progress.epoch(row)
                     if report:
                         report(row)
-                    if stopper.should_stop:
-                        break
             except Diverged as e:
                 status, reason = "diverged", f"epoch {len(rows) + 1}, {e}"
             except Pruned as e:
                 status, reason = "pruned", str(e)
             step += phase_step
-            done[-1]["epochs"] = len(rows) + 1 - done[-1]["first_epoch"]
+            phase_log[-1]["epochs"] = len(rows) + 1 - phase_log[-1]["first_epoch"]
             if status != "completed":
                 break
     recorder.close()
 
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
         model.load_state_dict(stopper.best_state)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if status != "diverged" \
-        else (math.nan, math.nan)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) \
+        if status in ("completed", "pruned") else (math.nan, math.nan)
     best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
     summary = {
         "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
@@ -270,7 +372,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "threads": torch.get_num_threads(), "seed": t.seed, "classes": list(data.classes),
         "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
-        "steps": step, "phases": done,
+        "steps": step, "phases": phase_log, "resumed": resume is not None,
     }
     if reused:
         summary["transfer"] = {**reused, "cache_seconds": cache_seconds}
@@ -300,6 +402,9 @@ def run_task(job, cfg: DictConfig) -> float:
             write_json(run_dir / "summary.json", {"status": "failed", "reason": str(e)})
             return math.nan
         sys.exit(2)
+    if summary["status"] == "interrupted":
+        error(f"interrupted ({summary['reason']}); last.pt holds the position: run the same command again to resume")
+        sys.exit(130)
     if summary["status"] == "diverged":
         error(f"diverged at {summary['reason']}; try a lower optimizer.lr, optimizer.clip_norm=1.0 or another init")
         if not multirun:

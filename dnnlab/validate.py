@@ -138,6 +138,7 @@ RULES = {
     "trainer.threads": (lambda v: v == "auto" or int_min(1)(v), "auto or an integer >= 1"),
     "trainer.seed": (integer, "an integer"),
     "trainer.deterministic": BOOL,
+    "trainer.resume": BOOL,
     "trainer.precision": (one_of("fp32", "bf16"), "fp32 or bf16"),
     "trainer.early_stopping.monitor": (one_of(None, "val_loss", "val_acc"), "val_loss, val_acc or null (off)"),
     "trainer.early_stopping.patience": (int_min(0), "an integer >= 0"),

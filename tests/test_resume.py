@@ -1,0 +1,128 @@
+"""Resume after a crash: killed (SIGKILL) at several points, or stopped by SIGINT/SIGTERM, a run resumed with the
+same command ends with exactly the metrics of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dnnlab.errors import DnnlabError
+from dnnlab.train import train
+
+# Runs the CLI in a subprocess with one patch that kills (or signals) the process at a chosen point.
+WRAPPER = r"""
+import os, signal, sys
+import dnnlab.checkpoint as ck, dnnlab.optim as optim, dnnlab.record as record
+kind, n = os.environ.get("KILL_AT", "none:0").split(":")
+n, count = int(n), [0]
+
+def hit():
+    count[0] += 1
+    return count[0] == n
+
+if kind == "checkpoint_write":  # half of the n-th checkpoint file is on disk, not yet renamed into place
+    real = ck.atomic_write
+    def atomic_write(path, data):
+        if hit():
+            with open(path.with_name(f".{path.name}.tmp{os.getpid()}"), "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, data)
+    ck.atomic_write = atomic_write
+elif kind == "metrics_row":  # the n-th metrics row is on disk, its checkpoints are not
+    real_log = record.Recorder.log_epoch
+    def log_epoch(self, row):
+        real_log(self, row)
+        if hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+    record.Recorder.log_epoch = log_epoch
+elif kind in ("step", "sigint", "sigterm"):  # after the n-th optimizer step, in the middle of an epoch
+    sig = {"step": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[kind]
+    real_after = optim.GradientRules.after_step
+    def after_step(self):
+        real_after(self)
+        if hit():
+            os.kill(os.getpid(), sig)
+    optim.GradientRules.after_step = after_step
+from dnnlab.cli import main
+main()
+"""
+ARGS = ["data.val_size=100", "trainer.epochs=5", "trainer.progress=false", "trainer.early_stopping.patience=50",
+        "regularizer=dropout", "activation=rrelu", "schedule=performance", "schedule.patience=1",
+        "trainer.checkpoint_every=2"]
+
+
+def run(data_root, run_dir: Path, kill: str | None = None, extra=()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DNNLAB_DATA": str(data_root), "KILL_AT": kill or "none:0"}
+    return subprocess.run([sys.executable, "-c", WRAPPER, "train", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
+                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=180)
+
+
+def metrics(run_dir: Path) -> list[str]:
+    """metrics.csv without the wall-time column."""
+    return [line.rsplit(",", 1)[0] for line in (run_dir / "metrics.csv").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline(data_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    done = run(data_root, run_dir)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def assert_same_as_baseline(run_dir: Path, baseline: Path, resumed: bool = True) -> None:
+    assert metrics(run_dir) == metrics(baseline)
+    mine, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, baseline))
+    for key in ("status", "epochs", "best_epoch", "val_acc", "val_loss", "test_acc", "test_loss", "steps"):
+        assert mine[key] == theirs[key], key
+    assert mine["resumed"] is resumed
+
+
+@pytest.mark.parametrize("kill,resumed", [
+    ("checkpoint_write:1", False),  # the very first last.pt: nothing to resume from, the run starts over
+    ("checkpoint_write:4", True), ("checkpoint_write:6", True), ("metrics_row:2", True), ("step:23", True)])
+def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, baseline, kill, resumed):
+    run_dir = tmp_path / "run"
+    killed = run(data_root, run_dir, kill)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: nothing could be cleaned up
+    done = run(data_root, run_dir)  # the same command again resumes
+    assert done.returncode == 0, done.stderr
+    assert_same_as_baseline(run_dir, baseline, resumed)
+
+
+@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
+def test_a_signal_checkpoints_the_position_and_exits_non_zero(data_root, tmp_path, baseline, sig):
+    from dnnlab import checkpoint
+
+    run_dir = tmp_path / "run"
+    stopped = run(data_root, run_dir, f"{sig}:30")
+    assert stopped.returncode == 130, stopped.stderr
+    assert "interrupted" in stopped.stderr and "Traceback" not in stopped.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and last["position"]["i"] == 30 - 16  # 500 images / 32: 16 steps per epoch
+    done = run(data_root, run_dir, extra=["trainer.resume=true"])
+    assert done.returncode == 0, done.stderr
+    assert_same_as_baseline(run_dir, baseline)
+
+
+def test_a_reused_directory_of_another_run_is_refused_and_left_alone(make_cfg, tmp_path):
+    train(make_cfg(), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(DnnlabError, match="different config"):
+        train(make_cfg("optimizer.lr=0.01"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_run_resumed_changes_no_metric(make_cfg, tmp_path):
+    first = train(make_cfg(), tmp_path)
+    rows = (tmp_path / "metrics.csv").read_text()
+    again = train(make_cfg(), tmp_path)
+    assert (tmp_path / "metrics.csv").read_text() == rows
+    assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"]
