@@ -1,50 +1,71 @@
 """The `dnnlab` command: `dnnlab train [overrides]` and friends."""
+from __future__ import annotations
+
+import importlib
+import os
 import sys
 
-USAGE = """usage: dnnlab COMMAND [args]
+# command: (module, function, takes Hydra overrides, one line of help)
+COMMANDS = {
+    "train": ("dnnlab.train", "main", True,
+              "train a network; a full Hydra app (-m for sweeps, --help lists every group and option)"),
+    "pretrain": ("dnnlab.pretrain", "main", True,
+                 "pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit"),
+    "report": ("dnnlab.report", "main", False, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
+    "data": ("dnnlab.cli", "data_command", False, "[NAME]: find (or download) mnist or fashion_mnist, print where"),
+}
 
-commands:
-  train [overrides]   train a network; a full Hydra app (-m for sweeps, --help lists every group and option)
-  pretrain [overrides] pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit
-  report DIR          a table (and CSV, Markdown, PNG plots) of a run or a sweep directory
-  data [NAME]         find (or download) a dataset and print where it is: mnist, fashion_mnist
-"""
+
+def usage() -> str:
+    lines = [f"  {name:<10} {text}" for name, (*_, text) in COMMANDS.items()]
+    return "usage: dnnlab COMMAND [args]\n\ncommands:\n" + "\n".join(lines) + "\n"
 
 
 def data_command(args: list[str]) -> None:
     from dnnlab.data import locate
-    from dnnlab.errors import DnnlabError
-    from dnnlab.ui import error
 
-    try:
-        for name in args or ["fashion_mnist"]:
-            print(f"{name}: {locate(name)}")
-    except DnnlabError as e:
-        error(str(e))
-        sys.exit(2)
+    for name in args or ["fashion_mnist"]:
+        print(f"{name}: {locate(name)}")
+
+
+def one_line(error: Exception) -> str:
+    """Hydra's multi-line composition errors on one line (options listed with commas, search path dropped)."""
+    head, *rest = [line for line in str(error).split("\nConfig search path:")[0].splitlines() if line.strip()]
+    options = [line.strip() for line in rest if line.startswith("\t")]
+    notes = [line.strip() for line in rest if not line.startswith("\t")]
+    return "; ".join([head, *notes]) + (" " + ", ".join(options) if options else "")
 
 
 def main() -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dnnlab.errors import DnnlabError
+    from dnnlab.ui import error
+
     args = sys.argv[1:]
     command = args[0] if args else None
-    if command == "train":
-        from dnnlab.train import main as train_main
-
-        sys.argv = [sys.argv[0]] + args[1:]  # Hydra parses the rest of the command line
-        train_main()
-    elif command == "pretrain":
-        from dnnlab.pretrain import main as pretrain_main
-
-        sys.argv = [sys.argv[0]] + args[1:]
-        pretrain_main()
-    elif command == "report":
-        from dnnlab.report import main as report_main
-
-        report_main(args[1:])
-    elif command == "data":
-        data_command(args[1:])
-    elif command in (None, "-h", "--help"):
-        print(USAGE)
-    else:
-        print(f"dnnlab: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    if command in (None, "-h", "--help"):
+        print(usage())
+        return
+    if command not in COMMANDS:
+        print(f"dnnlab: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module, function, hydra_app, _ = COMMANDS[command]
+    run = getattr(importlib.import_module(module), function)
+    try:
+        if hydra_app:
+            sys.argv = [sys.argv[0]] + args[1:]  # Hydra parses the rest of the command line
+            os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us, to be told on one line
+            run()
+        else:
+            run(args[1:])
+    except DnnlabError as e:
+        error(str(e))
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        error(one_line(e))
+        sys.exit(2)
+    except OSError as e:  # e.g. a hydra.run.dir that cannot be created
+        error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
         sys.exit(2)
