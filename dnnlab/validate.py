@@ -68,7 +68,8 @@ BOOL = (boolean, "true or false")
 
 RULES = {
     "data.name": (one_of("mnist", "fashion_mnist"), "mnist or fashion_mnist"),
-    "data.root": (optional(lambda v: isinstance(v, str)), "null or a folder path"),
+    "data.root": (optional(lambda v: isinstance(v, str) and os.path.isdir(os.path.expanduser(v))),
+                  "null or an existing folder"),
     "data.classes": (optional(lambda v: is_list(num(0, 9), 2)(v) and all(integer(c) for c in v)
                               and len(set(v)) == len(v)),
                      "null or a list of at least 2 distinct digits 0-9, e.g. [0,1,2,3,4]"),

@@ -1,0 +1,165 @@
+"""The catalogue of bad inputs: each stops before training with one line (the key, the value, what is allowed or
+what to do), and leaves what was already in the run directory untouched. Exit codes and the absence of tracebacks
+at the command line are checked for a sample through real subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dnnlab.errors import DnnlabError
+from dnnlab.train import train
+from tests.conftest import write_dataset
+from tests.test_data import damage
+
+CATALOGUE = [  # (overrides, what the line must contain)
+    # wrong types
+    ("optimizer.lr=abc", "optimizer.lr='abc'"),
+    ("trainer.epochs=two", "trainer.epochs='two'"),
+    ("trainer.batch_size=1.5", "trainer.batch_size=1.5"),
+    ("trainer.deterministic=maybe", "trainer.deterministic"),
+    # numbers out of range
+    ("optimizer.lr=0", "optimizer.lr=0 is not allowed: a number > 0"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
+    ("optimizer=momentum optimizer.momentum=1.0", "optimizer.momentum=1.0"),
+    ("optimizer.betas=[0.9,1.2]", "optimizer.betas=[0.9, 1.2]"),
+    ("optimizer.clip_norm=0", "optimizer.clip_norm=0"),
+    ("regularizer=dropout regularizer.dropout.rate=1.0", "regularizer.dropout.rate=1.0 is not allowed: a rate in [0, 1)"),
+    ("regularizer=dropout regularizer.dropout.rate=-0.1", "regularizer.dropout.rate=-0.1"),
+    ("regularizer=l2 regularizer.l2=-1", "regularizer.l2=-1"),
+    ("regularizer=max_norm regularizer.max_norm=0", "regularizer.max_norm=0"),
+    ("trainer.batch_size=0", "trainer.batch_size=0"),
+    ("trainer.epochs=0", "trainer.epochs=0"),
+    ("trainer.early_stopping.patience=-1", "trainer.early_stopping.patience=-1"),
+    ("schedule=1cycle schedule.pct_rise=0.6", "schedule.pct_rise=0.6"),
+    ("schedule=performance schedule.factor=1.5", "schedule.factor=1.5"),
+    ("schedule.warmup_steps=-5", "schedule.warmup_steps=-5"),
+    ("init=normal init.std=-1", "init.std=-1"),
+    ("activation=leaky_relu activation.negative_slope=-0.2", "activation.negative_slope=-0.2"),
+    ("model.n_neurons=0", "model.n_neurons=0"),
+    # classes and sample sizes
+    ("data.classes=[0,10]", "data.classes=[0, 10]"),
+    ("data.classes=[1,1]", "data.classes=[1, 1]"),
+    ("data.classes=[3]", "data.classes=[3]"),
+    ("data.n_per_class=0", "data.n_per_class=0"),
+    ("data.n_per_class=1000", "data.n_per_class=1000 is not allowed: at most"),
+    ("data.val_size=600", "data.val_size=600 is not allowed: an integer from 1 to 599"),
+    ("data.folds=5 data.fold=5", "data.fold=5"),
+    # names that are not options
+    ("data.standardize=zscore", "data.standardize='zscore'"),
+    ("trainer.precision=fp8", "trainer.precision='fp8'"),
+    ("trainer.device=tpu", "trainer.device='tpu'"),
+    ("trainer.early_stopping.monitor=accuracy", "trainer.early_stopping.monitor='accuracy'"),
+    # contradictory settings
+    ("regularizer=[dropout,alpha_dropout]", "choose dropout or alpha_dropout, not both"),
+    ("regularizer=dropout regularizer.dropout.top_k=9", "regularizer.dropout.top_k=9 is not allowed: at most"),
+    ("model.n_neurons=[300,100]", "model.n_hidden=5 is not allowed: the length of model.n_neurons (2)"),
+    ("schedule=piecewise schedule.values=[0.1]", "schedule.values=[0.1]"),
+    ("transfer=reuse transfer.source=/nonexistent transfer.reuse_layers=9", "transfer.reuse_layers=9"),
+    ("transfer=reuse transfer.source=/nonexistent transfer.unfreeze_top=6", "transfer.unfreeze_top=6"),
+    ("transfer=reuse transfer.source=/nonexistent transfer.freeze=false transfer.cache=true", "transfer.cache"),
+    # paths
+    ("data.root=/no/such/folder", "data.root='/no/such/folder'"),
+    ("transfer=reuse transfer.source=/no/such/run", "transfer.source='/no/such/run'"),
+    # components that must not be called
+    ("optimizer._target_=os.system", "optimizer._target_='os.system'"),
+    ("init._target_=subprocess.run", "init._target_='subprocess.run'"),
+]
+if not torch.cuda.is_available():
+    CATALOGUE.append(("trainer.device=cuda", "trainer.device='cuda' is not allowed: no CUDA device here"))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory that already holds something of value."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("earlier results")
+    return run_dir
+
+
+def assert_untouched(run_dir):
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
+    assert (run_dir / "keep.txt").read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("overrides,expected", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_is_one_line_and_harmless(make_cfg, run_dir, overrides, expected):
+    with pytest.raises(DnnlabError) as info:
+        train(make_cfg(*overrides.split()), run_dir)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert_untouched(run_dir)
+
+
+@pytest.mark.parametrize("stem,how,expected", [
+    ("train-images-idx3-ubyte", "truncate", "truncated or corrupt"),
+    ("t10k-labels-idx1-ubyte", "magic", "bad magic number"),
+    ("t10k-labels-idx1-ubyte", "label", "label 12 outside 0-9"),
+    ("train-labels-idx1-ubyte", "count", "labels"),
+])
+def test_broken_data_files_are_named(make_cfg, run_dir, tmp_path, stem, how, expected):
+    folder = write_dataset(tmp_path / "broken" / "FashionMNIST" / "raw")
+    path = damage(folder, stem, how)
+    with pytest.raises(DnnlabError, match=expected) as info:
+        train(make_cfg(f"data.root={tmp_path / 'broken'}"), run_dir)
+    assert path.name.split(".")[0] in str(info.value) and "\n" not in str(info.value)
+    assert_untouched(run_dir)
+
+
+def test_missing_data_lists_the_places_tried(make_cfg, run_dir, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("dnnlab.data.SYSTEM_COPIES", {"mnist": [], "fashion_mnist": []})
+    folder = write_dataset(tmp_path / "partial")
+    (folder / "t10k-labels-idx1-ubyte").unlink()  # three of the four files
+    with pytest.raises(DnnlabError, match="fashion_mnist not found; tried: .*partial.*no network") as info:
+        train(make_cfg(f"data.root={folder}"), run_dir)
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+    assert_untouched(run_dir)
+
+
+def test_checkpoints_that_are_not_ours_are_refused(make_cfg, run_dir, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(DnnlabError, match="not a readable checkpoint"):
+        train(make_cfg("transfer=reuse", f"transfer.source={tmp_path / 'junk.pt'}"), run_dir)
+    assert_untouched(run_dir)
+
+
+def test_alpha_dropout_without_selu_is_allowed_but_warned(make_cfg, tmp_path, caplog):
+    summary = train(make_cfg("regularizer=alpha_dropout", "activation=relu"), tmp_path)
+    assert summary["status"] == "completed"
+    assert "alpha_dropout keeps SELU's self-normalisation" in caplog.text
+
+
+def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(DnnlabError, match="cannot write to the run directory") as info:
+        train(make_cfg(), tmp_path / "file" / "run")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["optimizer=foo"], "Could not find 'optimizer/foo'"),
+    (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
+    (["optimizer.lr=["], "no viable alternative"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1 is not allowed"),
+    (["data.classes=[0,12]"], "data.classes=[0, 12]"),
+    (["hydra.run.dir=/etc/passwd/run"], "Not a directory"),
+])
+def test_command_line_errors_exit_2_with_one_line(data_root, tmp_path, args, expected):
+    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *args, "trainer.progress=false"],
+                          cwd=tmp_path, env={**os.environ, "DNNLAB_DATA": str(data_root)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
