@@ -38,12 +38,11 @@ def test_glob_sweeps_every_option_of_a_group(data_root, tmp_path):
     assert done.returncode == 0, done.stderr
     names = {p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml")}
     jobs = summaries(out)
-    assert len(jobs) == len(names) == 9 and all(s["status"] == "completed" for s in jobs.values())
+    assert len(jobs) == len(names) >= 9 and all(s["status"] == "completed" for s in jobs.values())
 
 
 def test_failed_and_diverged_jobs_are_recorded_and_the_sweep_goes_on(data_root, tmp_path):
-    done, out = sweep(data_root, tmp_path, "optimizer=sgd", "init=normal", "init.std=30",
-                      "optimizer.lr=-1,1e9,0.01")
+    done, out = sweep(data_root, tmp_path, "optimizer=sgd", "optimizer.lr=-1,1e9,0.01")
     assert done.returncode == 0, done.stderr
     jobs = summaries(out)
     assert jobs[0]["status"] == "failed" and "optimizer.lr=-1" in jobs[0]["reason"]
