@@ -37,6 +37,7 @@ from dnnlab.ui import console, error
 METRICS = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc", "train_loss")
 CURVES = ("val_acc", "val_loss", "train_acc", "train_loss")  # metrics.csv columns: best over the epochs
 REPEAT_KEYS = ("data.fold", "trainer.seed", "data.seed")  # runs differing only in these repeat one setting
+BOOKKEEPING = ("trial.",)  # the Optuna sweeper's ++trial.number=N ...: not settings, left out of columns and groups
 RUNNING_SECONDS = 600  # metrics.csv touched this recently, no summary.json yet: the run is still going
 STUDY_FILE = "optuna_study.json"
 MAX_LEGEND = 12  # val_curves.png: the best runs get a colour and a legend entry, the others a thin grey line
@@ -83,8 +84,10 @@ def number(value) -> float:
 
 
 def fmt(value: float, digits: int = 4) -> str:
-    """A table cell: fixed decimals; empty when missing (NaN)."""
-    return "" if math.isnan(value) else f"{value:.{digits}f}"
+    """A table cell: fixed decimals (a tiny loss in scientific notation rather than 0.0000); empty when missing."""
+    if math.isnan(value):
+        return ""
+    return f"{value:.2e}" if digits == 4 and 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
 def natural_key(path: str) -> list:
@@ -188,7 +191,7 @@ def config_value(folder: Path, key: str) -> str | None:
     hydra_cfg = load_yaml(folder / ".hydra" / "hydra.yaml")
     choices = OmegaConf.select(hydra_cfg, "hydra.runtime.choices", default=None) if hydra_cfg is not None else None
     if choices is not None and key in choices:
-        return str(choices[key])
+        return yaml_text(choices[key])
     cfg = load_yaml(folder / ".hydra" / "config.yaml")
     if cfg is None:
         return None
@@ -216,7 +219,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     """Override keys whose value is not the same in every run (a run without the key counts with its config's
     value for it). Keys in first-seen order. Fills the missing values in."""
     known = [r for r in runs if r.overrides is not None]
-    keys = list(dict.fromkeys(k for r in known for k in r.overrides))
+    keys = list(dict.fromkeys(k for r in known for k in r.overrides if not k.startswith(BOOKKEEPING)))
     for key in keys:
         if any(key not in r.overrides for r in known):
             for r in known:
@@ -426,11 +429,10 @@ def plot_final(runs: list[Run], metric: str, path: Path) -> bool:
 
 
 def open_storage(storage: str, base: Path, scratch: Path):
-    """A storage for optuna.load_study: a database URL as is, or a JournalStorage on a journal file (a relative
-    path is looked up beside optuna_study.json, then in the working directory). Nothing is created: a missing file
-    is an error, and a read-only journal is read from a copy."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
+    """The study's storage, opened as the sweeper opens it (dnnlab.trial.open_storage): a database URL, or a journal
+    file (a relative path is looked up beside optuna_study.json, then in the working directory). Nothing is
+    created: a missing file is an error, and a read-only journal is read from a copy."""
+    from dnnlab import trial
 
     def locate(text: str) -> Path:
         path = Path(text).expanduser()
@@ -439,14 +441,56 @@ def open_storage(storage: str, base: Path, scratch: Path):
                 return candidate
         raise DnnlabError(f"the study's storage {text} is not there")
 
-    if "://" in storage:
+    if trial.is_url(storage):
         if storage.startswith("sqlite:///"):  # SQLAlchemy would create an empty database file
-            return f"sqlite:///{locate(storage[len('sqlite:///'):])}"
-        return storage
+            storage = f"sqlite:///{locate(storage[len('sqlite:///'):])}"
+        return trial.open_storage(storage)
     path = locate(storage)
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):  # the backend opens it for appending
         path = Path(shutil.copy(path, scratch / path.name))
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return trial.open_storage(str(path))
+
+
+def optuna_figures(study, trials, target, target_name: str, out: Path, notes: list[str]) -> list[Path]:
+    """The optimisation history (`target`: None, or the objective to show), and the parameter importances when
+    there is something to compare."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    plt = pyplot()
+    written = []
+    path = out / "optuna_history.png"
+    try:
+        ax = ovm.plot_optimization_history(study, target=target, target_name=target_name)
+        save_figure(ax.figure, path, bbox_inches="tight")
+        written.append(path)
+    except (ValueError, RuntimeError) as e:
+        plt.close("all")
+        notes.append(f"optuna_history.png skipped: {e}")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    varying = [p for p in dict.fromkeys(k for t in complete for k in t.params)
+               if len({repr(t.params.get(p)) for t in complete}) > 1]
+    if len(complete) < 2 or not varying:
+        notes.append(f"optuna_importances.png skipped: it needs at least 2 completed trials whose parameters "
+                     f"vary (the study has {len(complete)} completed"
+                     f"{', all with the same parameters' if len(complete) >= 2 else ''})")
+        return written
+    path = out / "optuna_importances.png"
+    try:
+        importance_target = None
+        if target is not None:  # PED-ANOVA takes a custom target as lower-is-better: flip a maximised objective
+            sign = -1.0 if study.directions[0] == StudyDirection.MAXIMIZE else 1.0
+            importance_target = lambda t: sign * t.values[0]  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
+            ax = ovm.plot_param_importances(study, target=importance_target, target_name=target_name)
+        save_figure(ax.figure, path, bbox_inches="tight")
+        written.append(path)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:
+        plt.close("all")
+        notes.append(f"optuna_importances.png skipped: {e}")
+    return written
 
 
 def plot_study(root: Path, out: Path, notes: list[str]) -> list[Path]:
@@ -455,11 +499,8 @@ def plot_study(root: Path, out: Path, notes: list[str]) -> list[Path]:
     if not spec_path.is_file():
         return []
     import optuna
-    from optuna.trial import TrialState
 
-    pyplot()  # Agg before optuna imports pyplot
-    from optuna.visualization import matplotlib as ovm
-
+    plt = pyplot()  # the Agg backend before optuna imports pyplot
     written = []
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -469,6 +510,10 @@ def plot_study(root: Path, out: Path, notes: list[str]) -> list[Path]:
             try:
                 spec = json.loads(spec_path.read_text())
                 storage = open_storage(str(spec["storage"]), root, Path(scratch))
+                names = optuna.get_all_study_names(storage)
+                if spec["study_name"] not in names:
+                    raise DnnlabError(f"no study {spec['study_name']!r} in {spec['storage']} (it holds "
+                                      f"{', '.join(map(repr, names)) or 'none'})")
                 study = optuna.load_study(study_name=spec["study_name"], storage=storage)
                 trials = study.get_trials(deepcopy=False)
             except DnnlabError as e:
@@ -481,34 +526,10 @@ def plot_study(root: Path, out: Path, notes: list[str]) -> list[Path]:
             if not trials:
                 notes.append(f"no Optuna plots: study {spec['study_name']!r} has no trials yet")
                 return []
-            single = len(study.directions) == 1
-            target = None if single else (lambda t: t.values[0])  # the first objective of a multi-objective study
+            target = None if len(study.directions) == 1 else (lambda t: t.values[0])  # multi-objective: the first
             target_name = str(spec.get("metric") or spec.get("objective") or "objective value")
-            plt = pyplot()
-            path = out / "optuna_history.png"
-            try:
-                ax = ovm.plot_optimization_history(study, target=target, target_name=target_name)
-                save_figure(ax.figure, path, bbox_inches="tight")
-                written.append(path)
-            except (ValueError, RuntimeError) as e:
-                plt.close("all")
-                notes.append(f"optuna_history.png skipped: {e}")
-            complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            varying = [p for p in dict.fromkeys(k for t in complete for k in t.params)
-                       if len({repr(t.params.get(p)) for t in complete}) > 1]
-            if len(complete) < 2 or not varying:
-                notes.append(f"optuna_importances.png skipped: it needs at least 2 completed trials whose parameters "
-                             f"vary (the study has {len(complete)} completed"
-                             f"{', all with the same parameters' if len(complete) >= 2 else ''})")
-                return written
-            path = out / "optuna_importances.png"
-            try:
-                ax = ovm.plot_param_importances(study, target=target, target_name=target_name)
-                save_figure(ax.figure, path, bbox_inches="tight")
-                written.append(path)
-            except (ValueError, RuntimeError, ZeroDivisionError) as e:
-                plt.close("all")
-                notes.append(f"optuna_importances.png skipped: {e}")
+            with plt.rc_context():  # optuna's plots switch to the ggplot style: keep that out of later figures
+                written += optuna_figures(study, trials, target, target_name, out, notes)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return written
@@ -569,10 +590,11 @@ def report(root: Path, metric: str = "val_acc", out: Path | None = None) -> dict
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="dnnlab report", description="A table and plots of a run or a sweep directory (runs at any depth).")
-    parser.add_argument("dir", type=Path, help="a run directory, or a folder holding runs (a sweep)")
-    parser.add_argument("--metric", default="val_acc", choices=METRICS,
-                        help="sort and plot by this (default val_acc; accuracies descending, losses ascending)")
-    parser.add_argument("--out", type=Path, help="where to write the tables and plots (default: DIR)")
+    parser.add_argument("dir", type=Path, metavar="DIR", help="a run directory, or a folder holding runs (a sweep)")
+    parser.add_argument("--metric", default="val_acc", choices=METRICS, metavar="METRIC",
+                        help=f"sort and plot by this: {', '.join(METRICS)} (default val_acc; the best epoch's for "
+                             "val_* and train_*; accuracies descending, losses ascending)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the tables and plots (default: DIR)")
     args = parser.parse_args(argv)
     try:
         report(args.dir, args.metric, args.out)

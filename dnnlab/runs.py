@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from rich.markup import escape
 from rich.table import Table
 
 from dnnlab import CONF_DIR
@@ -48,11 +49,11 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 def write_table(rows: list[dict], stem: Path, title: str) -> None:
     """Print rows as a rich table and write them to STEM.csv and STEM.md."""
     columns = list(rows[0])
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for c in columns:
-        table.add_column(c, justify="left" if c == columns[0] else "right")
+        table.add_column(escape(c), justify="left" if c == columns[0] else "right")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in columns))
+        table.add_row(*(escape(str(r[c])) for c in columns))  # values, not rich markup
     console.print(table)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

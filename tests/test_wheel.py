@@ -77,6 +77,10 @@ def test_wheel_ships_the_configs(wheel):
                   "debug"):
         assert any(n.startswith(f"dnnlab/conf/{group}/") for n in names), group
     assert "dnnlab/__main__.py" in names and "dnnlab/cli.py" in names
+    plugin = {f"hydra_plugins/dnnlab_optuna_sweeper/{m}.py"
+              for m in ("__init__", "config", "optuna_sweeper", "_sweep", "_space")}
+    assert plugin <= names and "dnnlab/trial.py" in names, sorted(plugin - names)
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package shared with Hydra's plugins
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "dnnlab = dnnlab.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -94,6 +98,11 @@ def test_installed_wheel_trains_from_outside_the_repository(venv, outside, data_
     assert Path(conf_dir) == Path(dnnlab_file).parent / "conf"  # the configs inside the package, not the repo's
     assert not Path(torch_file).is_relative_to(venv)  # borrowed, not copied
     assert str(REPO) not in path
+    probe = run([python, "-c", "import hydra_plugins.dnnlab_optuna_sweeper as p; print(p.__file__); "
+                 "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+                 "print(*(c.__name__ for c in Plugins.instance().discover(Sweeper)))"], cwd=outside, env=env)
+    plugin_file, sweepers = probe.stdout.splitlines()
+    assert Path(plugin_file).is_relative_to(venv) and "DnnlabOptunaSweeper" in sweepers.split(), probe.stderr
 
     usage = run([python, "-m", "dnnlab"], cwd=outside, env=env)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: dnnlab"), usage.stderr
