@@ -12,6 +12,8 @@ COMMANDS = {
     "pretrain": ("dnnlab.pretrain", "main", True,
                  "pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit"),
     "report": ("dnnlab.report", "main", False, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
+    "reproduce": ("dnnlab.reproduce", "main", False,
+                  "rerun chapter 11's experiments beside the book's numbers (--quick, --seeds, --only)"),
     "data": ("dnnlab.cli", "data_command", False, "[NAME]: find (or download) mnist or fashion_mnist, print where"),
 }
 

@@ -193,13 +193,12 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def phases(cfg: DictConfig) -> list[tuple[str, float]]:
-    """(name, learning rate) of each training phase: one, or two when reused layers are unfrozen half-way."""
-    lr = cfg.optimizer.lr
-    first = [("train", lr)]
-    if cfg.transfer.source and cfg.transfer.unfreeze_top != 0:
-        return first + [(f"unfreeze {cfg.transfer.unfreeze_top}", lr * cfg.transfer.unfreeze_lr_factor)]
-    return first
+def phases(cfg: DictConfig) -> list[tuple[str, float, int]]:
+    """(name, learning rate, epochs) of each training phase: one, or two when reused layers are unfrozen."""
+    lr, epochs, tr = cfg.optimizer.lr, cfg.trainer.epochs, cfg.transfer
+    if not (tr.source and tr.unfreeze_top != 0):
+        return [("train", lr, epochs)]
+    return [("train", lr, tr.frozen_epochs or epochs), (f"unfreeze {tr.unfreeze_top}", lr * tr.unfreeze_lr_factor, epochs)]
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -285,9 +284,9 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
         step, cache_seconds, phase_log = resume["step"] - resume["phase_step"], resume["cache_seconds"], resume["phases"]
         stopper.load_state_dict(resume["stopper"])
     plan = phases(cfg)
-    with Progress(t.epochs * len(plan), steps_per_epoch, enabled=t.progress) as progress, \
+    with Progress(sum(p[2] for p in plan), steps_per_epoch, enabled=t.progress) as progress, \
             stop_on_signals() as stop:
-        for phase, (phase_name, lr0) in enumerate(plan):
+        for phase, (phase_name, lr0, epochs) in enumerate(plan):
             resuming = resume is not None and phase == resume["phase"]
             if resume is not None and phase < resume["phase"]:
                 continue
@@ -309,7 +308,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
             rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
-            schedule = build_schedule(cfg.schedule, lr0, t.epochs * steps_per_epoch, steps_per_epoch)
+            schedule = build_schedule(cfg.schedule, lr0, epochs * steps_per_epoch, steps_per_epoch)
             if resuming:
                 optimizer.load_state_dict(resume["optimizer"])
                 schedule.load_state_dict(resume["schedule"])
@@ -319,7 +318,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                 phase_log.append({"phase": phase_name, "lr": lr0, "first_epoch": len(rows) + 1})
                 phase_step, phase_epochs = 0, 0
             try:
-                while phase_epochs < t.epochs and not stopper.should_stop:
+                while phase_epochs < epochs and not stopper.should_stop:
                     start = time.perf_counter() - (position["elapsed"] if position else 0.0)
                     try:
                         train_loss, train_acc, phase_step, lr = train_epoch(

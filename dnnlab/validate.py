@@ -159,6 +159,7 @@ RULES = {
     "transfer.cache": BOOL,
     "transfer.unfreeze_top": (lambda v: v == "all" or int_min(0)(v), "all or an integer >= 0"),
     "transfer.unfreeze_lr_factor": (num(0, lo_open=True), "a number > 0 (usually below 1)"),
+    "transfer.frozen_epochs": (optional(int_min(1)), "null or an integer >= 1"),
 }
 for _kind in ("dropout", "alpha_dropout"):
     RULES[f"regularizer.{_kind}.rate"] = RATE

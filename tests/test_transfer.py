@@ -144,3 +144,9 @@ def test_source_is_required_and_must_exist(make_cfg, tmp_path):
     (tmp_path / "fake.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DnnlabError, match="not a readable checkpoint"):
         train(make_cfg("transfer=reuse", f"transfer.source={tmp_path / 'fake.pt'}"), tmp_path)
+
+
+def test_frozen_epochs_sets_the_first_phase(make_cfg, source, tmp_path):
+    summary = train(target(make_cfg, source, "transfer.unfreeze_top=all", "transfer.frozen_epochs=1",
+                           "trainer.early_stopping.monitor=null"), tmp_path)
+    assert [p["epochs"] for p in summary["phases"]] == [1, 3]  # the book: 4 frozen epochs, then 16 more
