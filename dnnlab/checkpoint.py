@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import DnnlabError, bad_value
 
 FORMAT = "dnnlab-checkpoint/1"
 
@@ -38,6 +38,19 @@ def save(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
     atomic_write(path, buffer.getvalue())
+
+
+def find(path: str | Path, key: str = "run") -> Path:
+    """A checkpoint file, or a run directory's checkpoints/best.pt (else last.pt); `key` names the setting."""
+    found = Path(path).expanduser()
+    if found.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (found / "checkpoints" / name).is_file():
+                return found / "checkpoints" / name
+        raise bad_value(key, str(path), "a run directory with checkpoints/best.pt or last.pt, or a .pt checkpoint")
+    if not found.is_file():
+        raise bad_value(key, str(path), "an existing run directory or checkpoint file (this one does not exist)")
+    return found
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, checkpoint, transfer, validate
 from dnnlab.data import Splits, load
+from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import build_mlp, widths
 from dnnlab.optim import GradientRules, build_optimizer, set_momentum
@@ -131,11 +132,12 @@ class Interrupted(Exception):
 
 
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
-                autocast, progress, stop: threading.Event, position: dict | None = None
+                autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0
                 ) -> tuple[float, float, int, float]:
-    """One pass over the training split in a seeded random order: (mean loss, accuracy, global step, last lr).
+    """One pass over the training split in a seeded random order: (mean loss, accuracy, phase step, last lr).
     Loss and accuracy accumulate on the device; on CUDA the host waits only every 100 steps (finiteness check).
-    `position` continues an epoch that a signal interrupted (its order, steps done and sums so far)."""
+    `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
+    records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first)."""
     device = x_all.device
     check_every = 1 if device.type == "cpu" else 100
     if position is None:
@@ -152,14 +154,20 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
             group["lr"] = lr
         if momentum is not None:
             set_momentum(optimizer, momentum)
+        if diag:
+            diag.begin(offset + step)
         with autocast:
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if diag:
+            diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
         rules.before_step()
         optimizer.step()
         rules.after_step()
+        if diag:
+            diag.after_step(offset + step)  # the update includes max-norm's rescaling
         step += 1
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -263,6 +271,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]
     write_json(run_dir / "environment.json", environment(device))
     generator = torch.Generator(device=device).manual_seed(t.seed)
+    diag = Diagnostics(model, cfg.diagnostics, run_dir, recorder.tb, keep_until=resume["step"] if resume else None) \
+        if cfg.diagnostics.enabled else None
     report = None
     if cfg.get("trial"):  # an Optuna trial: report every epoch to the study, whose pruner may stop the run
         from dnnlab.trial import reporter
@@ -323,7 +333,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     try:
                         train_loss, train_acc, phase_step, lr = train_epoch(
                             net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule, phase_step,
-                            generator, autocast, progress, stop, position)
+                            generator, autocast, progress, stop, position, diag, step)
                     except Interrupted as e:
                         phase_step = e.position["step"]
                         save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})
@@ -355,6 +365,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             if status != "completed":
                 break
     recorder.close()
+    if diag:
+        diag.close()
 
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
         model.load_state_dict(stopper.best_state)

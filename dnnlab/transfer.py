@@ -1,8 +1,6 @@
 """Reusing pretrained layers: copy the lowest hidden blocks of a source run, freeze them, unfreeze them later."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -26,19 +24,6 @@ class Frozen(nn.Sequential):
         return super().train(False)
 
 
-def checkpoint_path(source: str) -> Path:
-    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        raise bad_value("transfer.source", source, "a run directory with checkpoints/best.pt or last.pt, or a .pt file")
-    if not path.is_file():
-        raise bad_value("transfer.source", source, "an existing run directory or checkpoint file")
-    return path
-
-
 def hidden_names(model: nn.Sequential) -> list[str]:
     return [name for name in model._modules if name.startswith("hidden")]
 
@@ -52,7 +37,7 @@ def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
     """Copy the input block and the lowest k hidden blocks of cfg.transfer.source into `model` (the source file is
     only read); freeze them if asked. Returns what was done, for the summary."""
     transfer = cfg.transfer
-    path = checkpoint_path(transfer.source)
+    path = checkpoint.find(transfer.source, "transfer.source")
     state = checkpoint.load(path)
     source_cfg = OmegaConf.create(state["config"])
     differences = [f"{key}: source {OmegaConf.select(source_cfg, key)!r}, this run {OmegaConf.select(cfg, key)!r}"

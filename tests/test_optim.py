@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnlab import CONF_DIR
+from dnnlab.ftrl import Ftrl
 from dnnlab.model import build_mlp
 from dnnlab.optim import GradientRules, build_optimizer
 
@@ -16,6 +17,8 @@ SMALL = ("model.n_hidden=2", "model.n_neurons=16")
 
 # option -> (torch class, defaults that must hold): the book's (Keras') values
 EXPECTED = {
+    "ftrl": (Ftrl, {"lr": 1e-3, "learning_rate_power": -0.5, "initial_accumulator_value": 0.1, "l1": 0.0, "l2": 0.0,
+                    "l2_shrinkage": 0.0, "beta": 0.0}),
     "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.0, "nesterov": False}),
     "momentum": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "nesterov": False}),
     "nesterov": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "nesterov": True}),

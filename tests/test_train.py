@@ -20,7 +20,8 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.ya
 
 def test_every_group_has_the_options_the_chapter_needs():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert names["optimizer"] == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamax", "nadam", "adamw"}
+    assert names["optimizer"] == {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamax", "nadam", "adamw",
+                                  "ftrl"}
     assert names["schedule"] == {"constant", "power", "exponential", "piecewise", "performance", "1cycle", "cosine"}
     assert {"glorot_normal", "he_avg_uniform", "lecun_normal", "normal", "constant", "orthogonal"} <= names["init"]
     assert {"leaky_relu", "prelu", "rrelu", "selu", "gelu", "swish", "mish", "softplus"} <= names["activation"]

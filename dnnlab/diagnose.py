@@ -1,0 +1,384 @@
+"""`dnnlab diagnose [overrides]`: the configured network's hidden layers at initialisation and after a few hundred
+training steps, without a full run.
+
+A fixed probe batch of training images goes through the network (in training mode, with a backward pass but no
+update) at step 0 and again after `diagnose.steps` steps of the configured optimizer (schedule, regularizers and
+batch size as `dnnlab train` would use them): activation histograms per layer and depth profiles (activation
+mean/std, saturated and dead fractions, gradient per layer). In between, the same Diagnostics class as
+`diagnostics=on` in `dnnlab train` records every `diagnose.every` steps. Gradients are compared across layers as
+the RMS gradient per weight, ||dloss/dW|| / sqrt(number of weights), since the first layer has 784 inputs and the
+others far fewer (diagnostics.csv keeps the plain norm).
+
+Writes into the run directory: activations.png, gradients.png (a line per layer over the steps, and the profile
+across depth), profile.png, steps.png, diagnostics.csv (Diagnostics' rows), profile.csv (the probe, every layer),
+diagnose.json, tensorboard/.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from rich import box
+from rich.table import Table
+
+from dnnlab import CONF_DIR, transfer, validate
+from dnnlab.checkpoint import atomic_write
+from dnnlab.data import load
+from dnnlab.diagnostics import Diagnostics, activation_stats, capture, hidden_layers, settings
+from dnnlab.errors import bad_value
+from dnnlab.model import build_mlp
+from dnnlab.optim import GradientRules, build_optimizer, set_momentum
+from dnnlab.record import environment, pyplot, save_figure, write_json
+from dnnlab.schedule import build_schedule
+from dnnlab.train import pick_device, pick_threads, restrict, run_task, seed_everything
+from dnnlab.ui import console
+
+log = logging.getLogger("dnnlab")
+PROFILE = ("act_mean", "act_std", "saturated", "dead", "grad_norm", "grad_rms")
+RULES = {
+    "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "probe_size": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "max_panels": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check(d: DictConfig) -> None:
+    for key, (ok, allowed) in RULES.items():
+        if not ok(d.get(key)):
+            raise bad_value(f"diagnose.{key}", d.get(key), allowed)
+
+
+def diagnostics_settings(cfg: DictConfig) -> DictConfig:
+    """conf/diagnostics/on.yaml, with the run's own diagnostics.* values when it chose diagnostics=on, and every
+    from diagnose.every."""
+    own = cfg.get("diagnostics")
+    own = own if own is not None and own.get("enabled") else {}
+    return settings(own, every=cfg.diagnose.every)
+
+
+def probe(model, x: torch.Tensor, y: torch.Tensor, layers, margin: float) -> tuple[list[dict], dict]:
+    """One forward and backward pass of the probe batch in training mode, without an update; the model (weights and
+    BN statistics) is left exactly as it was. Returns per-layer statistics and the activations (on the CPU)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.zero_grad(set_to_none=True)
+    acts = capture(model, x, layers)
+    F.cross_entropy(acts.pop("output").float(), y).backward()
+    rows = []
+    for layer in layers:
+        stats = activation_stats(acts[layer.name], layer.act, margin).tolist() if layer.name in acts \
+            else [math.nan] * 4
+        g = layer.weight.grad
+        grad = torch.linalg.vector_norm(g.float()).item() if g is not None else math.nan
+        rms = grad / math.sqrt(layer.weight.numel())  # per weight: the 784-input first layer compares with the rest
+        rows.append({"layer": layer.name, "depth": layer.depth, **dict(zip(PROFILE, stats + [grad, rms]))})
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    return rows, {k: v.detach().float().cpu() for k, v in acts.items()}
+
+
+def diagnose(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
+    validate.check(cfg)
+    d = cfg.diagnose
+    check(d)
+    dset = diagnostics_settings(cfg)
+    t = cfg.trainer
+    device = pick_device(t.device)
+    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
+    seed_everything(t.seed, t.deterministic)
+    data = load(cfg.data, device)
+    restrict(data, t)
+    model = build_mlp(cfg, data.n_classes).to(device)
+    if cfg.transfer.source:
+        transfer.reuse(model, cfg)
+    layers = hidden_layers(model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "environment.json", environment(device))
+
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+    n, bs = len(data.x_train), t.batch_size
+    pick = torch.randperm(n, device=device, generator=generator)[:d.probe_size]
+    x_probe, y_probe = data.x_train[pick], data.y_train[pick]
+    margin = float(dset.saturation_margin)
+    init_rows, init_acts = probe(model, x_probe, y_probe, layers, margin)
+
+    from torch.utils.tensorboard import SummaryWriter  # late: slow to import
+
+    tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    steps_per_epoch = max(1, math.ceil(n / bs) - (n % bs == 1 and n > 1))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optimizer, trainable, device)
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.epochs * steps_per_epoch, steps_per_epoch)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    losses, diverged_at = [], None
+    with Diagnostics(model, dset, run_dir, tb, keep=True) as diag:
+        model.train()
+        for step in range(d.steps):
+            i = step % steps_per_epoch
+            if i == 0:
+                perm = torch.randperm(n, device=device, generator=generator)
+            idx = perm[i * bs:(i + 1) * bs]
+            lr, momentum = schedule.lr(step), schedule.momentum(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if momentum is not None:
+                set_momentum(optimizer, momentum)
+            diag.begin(step)
+            with autocast:
+                logits = model(data.x_train[idx])
+            loss = F.cross_entropy(logits.float(), data.y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            diag.before_step(step)
+            rules.before_step()
+            optimizer.step()
+            rules.after_step()
+            diag.after_step(step)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                diverged_at = step
+                break
+            if step % diag.every == 0:
+                tb.add_scalar("loss", losses[-1], step)
+    tb.close()
+    steps_done = len(losses)
+    if diverged_at is not None:
+        log.warning("the loss is not finite at step %d: diverged (the plots show the steps before)", diverged_at)
+    final_rows, final_acts = probe(model, x_probe, y_probe, layers, margin)
+
+    write_profile(run_dir / "profile.csv", init_rows, final_rows, steps_done)
+    saturating = any(not math.isnan(r["saturated"]) for r in init_rows)  # sigmoid, tanh
+    plot_activations(layers, init_acts, final_acts, steps_done, d.max_panels, run_dir / "activations.png")
+    sizes = {layer.name: layer.weight.numel() for layer in layers}
+    plot_gradients(diag.history, sizes, init_rows, final_rows, steps_done, run_dir / "gradients.png")
+    plot_profile(init_rows, final_rows, steps_done, saturating, run_dir / "profile.png")
+    plot_steps(diag.history, losses, saturating, run_dir / "steps.png")
+    print_profile(init_rows, final_rows, steps_done, saturating, d.max_panels)
+
+    summary = {
+        "status": "completed", "steps": steps_done, "diverged_at": diverged_at, "every": diag.every,
+        "probe_size": len(x_probe), "activation": cfg.activation._target_.rsplit(".", 1)[-1],
+        "init": OmegaConf.to_container(cfg.init), "n_hidden": len(layers), "lr": cfg.optimizer.lr,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "profile": {"init": init_rows, "after": final_rows},
+        "files": ["activations.png", "gradients.png", "profile.png", "steps.png", "diagnostics.csv", "profile.csv"],
+    }
+    write_json(run_dir / "diagnose.json", summary)
+    console.print(f"plots and tables in {run_dir}")
+    return summary
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+def write_profile(path: Path, init_rows: list[dict], final_rows: list[dict], steps: int) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("step", "layer", "depth") + PROFILE)
+    for step, rows in ((0, init_rows), (steps, final_rows)):
+        for r in rows:
+            writer.writerow([step, r["layer"], r["depth"]] + ["" if math.isnan(r[k]) else repr(r[k]) for k in PROFILE])
+    atomic_write(path, buffer.getvalue().encode())
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices evenly spread over range(n), first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n - 1]
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return f"{v:.1e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e3) else f"{v:.3f}"
+
+
+def print_profile(init_rows, final_rows, steps, saturating, max_rows) -> None:
+    frac = "saturated" if saturating else "dead"
+    short = "sat" if saturating else "dead"
+    table = Table(title=f"hidden layers on the probe batch at initialisation (0) and after N = {steps} steps",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                  collapse_padding=True)
+    for c in ("layer", "mean 0", "std 0", f"{short} 0", "grad 0", "mean N", "std N", f"{short} N", "grad N"):
+        table.add_column(c, justify="right")
+    for i in spread(len(init_rows), max(max_rows, 2) * 2):
+        a, b = init_rows[i], final_rows[i]
+        table.add_row(str(a["depth"]), *(_fmt(r[k]) for r in (a, b) for k in ("act_mean", "act_std", frac, "grad_rms")))
+    table.caption = "grad: RMS gradient per weight, ‖∂loss/∂W‖ / √(number of weights)"
+    table.caption_justify = "left"
+    console.print(table)
+
+
+def _depth_colors(plt, n: int):
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(1, n - 1)) for i in range(n)]
+
+
+def _layer_legend(plt, fig, ax, n: int) -> None:
+    """A legend for a few layers, a depth colour bar for many."""
+    if n == 0:
+        return
+    if n <= 10:
+        ax.legend(fontsize="small", ncol=2)
+    else:
+        sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(1, n))
+        fig.colorbar(sm, ax=ax, label="hidden layer (depth)")
+
+
+def _by_layer(history: list[dict]) -> dict[str, tuple[list[int], dict[str, list[float]]]]:
+    out: dict[str, tuple[list[int], dict[str, list[float]]]] = {}
+    for r in history:
+        steps, vals = out.setdefault(r["layer"], ([], {}))
+        steps.append(r["step"])
+        for k, v in r.items():
+            if k not in ("step", "layer"):
+                vals.setdefault(k, []).append(v)
+    return out
+
+
+def _positive(values: list[float]) -> list[float]:
+    """For log axes: non-positive values as NaN (not plotted)."""
+    return [v if v > 0 else math.nan for v in values]
+
+
+def plot_activations(layers, init_acts, final_acts, steps, max_panels, path: Path) -> None:
+    """Histograms of each (selected) layer's activations on the probe batch: step 0 against the end."""
+    plt = pyplot()
+    chosen = [layers[i] for i in spread(len(layers), max_panels)]
+    cols = min(5, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(chosen):]:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, chosen):
+        a, b = init_acts.get(layer.name), final_acts.get(layer.name)
+        values = [v.flatten().numpy() for v in (a, b) if v is not None]
+        values = [v[np.isfinite(v)] for v in values]
+        both = np.concatenate(values) if values else np.zeros(1)
+        lo, hi = (np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0))
+        if not hi > lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 61)
+        for v, label, style in ((values[0] if values else None, "step 0", "stepfilled"),
+                                (values[1] if len(values) > 1 else None, f"step {steps}", "step")):
+            if v is not None and v.size:  # the 1 % of extreme values outside [lo, hi] are left out
+                ax.hist(v, bins=bins, histtype=style, alpha=0.45 if style == "stepfilled" else 1,
+                        density=True, label=label)
+        mean0, std0 = (float(np.mean(values[0])), float(np.std(values[0]))) if values and values[0].size \
+            else (math.nan, math.nan)
+        ax.set_title(f"{layer.name} (step 0: mean {mean0:.2f}, std {std0:.2f})", fontsize="small")
+        ax.tick_params(labelsize="x-small")
+    axes.flat[0].legend(fontsize="x-small")
+    fig.suptitle(f"activation distributions on the probe batch (at initialisation, filled; after {steps} steps, line)",
+                 fontsize="medium")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_gradients(history, sizes, init_rows, final_rows, steps, path: Path) -> None:
+    """Left: each layer's gradient over the training steps. Right: the profile across depth. Both as the RMS
+    gradient per weight, ‖∂loss/∂W‖ / √n, so that layers with different fan-in (784 inputs for the first)
+    compare."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = _by_layer(history)
+    colors = _depth_colors(plt, len(series))
+    for color, (name, (xs, vals)) in zip(colors, series.items()):
+        rms = [v / math.sqrt(sizes[name]) for v in vals["grad_norm"]]
+        left.plot(xs, _positive(rms), color=color, label=name, lw=1)
+    left.set_yscale("log")
+    left.set_xlabel("training step")
+    left.set_ylabel("‖∂loss/∂W‖ / √n  (training batch)")
+    left.set_title("gradient per layer over the steps")
+    left.grid(True, which="both", alpha=0.3)
+    _layer_legend(plt, fig, left, len(series))
+    depth = [r["depth"] for r in init_rows]
+    right.plot(depth, _positive([r["grad_rms"] for r in init_rows]), "o-", ms=3, label="step 0 (initialisation)")
+    right.plot(depth, _positive([r["grad_rms"] for r in final_rows]), "s-", ms=3, label=f"after {steps} steps")
+    right.set_yscale("log")
+    right.set_xlabel("hidden layer (1 = next to the inputs)")
+    right.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    right.set_ylabel("‖∂loss/∂W‖ / √n  (probe batch)")
+    right.set_title("gradient across depth")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_profile(init_rows, final_rows, steps, saturating, path: Path) -> None:
+    """Activation mean, std, and the saturated (sigmoid/tanh) or dead fraction across depth."""
+    plt = pyplot()
+    frac = "saturated" if saturating else "dead"
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    depth = [r["depth"] for r in init_rows]
+    for ax, key, title in zip(axes, ("act_mean", "act_std", frac),
+                              ("activation mean", "activation standard deviation",
+                               "fraction saturated" if saturating else "fraction of dead units")):
+        for rows, label, marker in ((init_rows, "step 0 (initialisation)", "o-"),
+                                    (final_rows, f"after {steps} steps", "s-")):
+            ax.plot(depth, [r[key] for r in rows], marker, ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("hidden layer")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if key == "act_std":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            stds = [r[key] for rows in (init_rows, final_rows) for r in rows if math.isfinite(r[key]) and r[key] > 0]
+            if stds and max(stds) / min(stds) > 100:
+                ax.set_yscale("log")
+        if key == frac:
+            ax.set_ylim(-0.03, 1.03)
+    axes[0].axhline(0.0, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_steps(history, losses, saturating, path: Path) -> None:
+    """Over the training steps: the loss, and per layer the activation std, the saturated or dead fraction and the
+    update-to-weight ratio."""
+    plt = pyplot()
+    frac = "saturated" if saturating else "dead"
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    axes[0].plot(range(len(losses)), losses, lw=0.8)
+    axes[0].set_title("training loss (every step)")
+    axes[0].set_xlabel("training step")
+    axes[0].grid(True, alpha=0.3)
+    series = _by_layer(history)
+    colors = _depth_colors(plt, len(series))
+    for ax, key, title, log_scale in ((axes[1], "act_std", "activation std per layer", True),
+                                      (axes[2], frac, f"fraction {frac} per layer", False),
+                                      (axes[3], "update_ratio", "‖ΔW‖ / ‖W‖ per step", True)):
+        for color, (name, (xs, vals)) in zip(colors, series.items()):
+            ax.plot(xs, _positive(vals[key]) if log_scale else vals[key], color=color, lw=1, label=name)
+        if log_scale:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.grid(True, which="both", alpha=0.3)
+    _layer_legend(plt, fig, axes[3], len(series))
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="diagnose_app", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return run_task(diagnose, cfg)
