@@ -113,7 +113,8 @@ def evaluate(row: Row, out: Path, seeds: int, common: list[str]) -> list[dict]:
         from dnnlab.runs import compose_config
 
         run_dir = out / slug(row.name)
-        done = finished(run_dir) or lr_find(compose_config([*row.overrides, *common], "lr_find_app"), run_dir)
+        done = finished(run_dir, "lr_find.json") or lr_find(compose_config([*row.overrides, *common], "lr_find_app"),
+                                                             run_dir)
         return [{"value": done["suggested_lr"], "seconds": None, "epochs": None}]
     found = []
     for seed in range(seeds):
