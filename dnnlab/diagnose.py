@@ -30,16 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich import box
 from rich.table import Table
 
-from dnnlab import CONF_DIR, transfer, validate
+from dnnlab import CONF_DIR, transfer
 from dnnlab.checkpoint import atomic_write
-from dnnlab.data import load
 from dnnlab.diagnostics import Diagnostics, activation_stats, capture, hidden_layers, settings
 from dnnlab.errors import bad_value
-from dnnlab.model import build_mlp
 from dnnlab.optim import GradientRules, build_optimizer, set_momentum
 from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.train import pick_device, pick_threads, restrict, run_task, seed_everything
+from dnnlab.train import prepare, run_task
 from dnnlab.ui import console
 
 log = logging.getLogger("dnnlab")
@@ -92,17 +90,11 @@ def probe(model, x: torch.Tensor, y: torch.Tensor, layers, margin: float) -> tup
 
 
 def diagnose(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    validate.check(cfg)
     d = cfg.diagnose
     check(d)
     dset = diagnostics_settings(cfg)
     t = cfg.trainer
-    device = pick_device(t.device)
-    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
-    seed_everything(t.seed, t.deterministic)
-    data = load(cfg.data, device)
-    restrict(data, t)
-    model = build_mlp(cfg, data.n_classes).to(device)
+    device, data, model = prepare(cfg, parallel_jobs)
     if cfg.transfer.source:
         transfer.reuse(model, cfg)
     layers = hidden_layers(model)

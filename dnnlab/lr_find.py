@@ -30,14 +30,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from dnnlab import CONF_DIR, transfer, validate
+from dnnlab import CONF_DIR, transfer
 from dnnlab.checkpoint import atomic_write
-from dnnlab.data import load
 from dnnlab.errors import DnnlabError, bad_value
-from dnnlab.model import build_mlp
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.record import environment, pyplot, save_figure, write_json
-from dnnlab.train import pick_device, pick_threads, restrict, run_task, seed_everything
+from dnnlab.train import prepare, run_task
 from dnnlab.ui import console
 
 SHORT = {"book": "10x below the minimum (the book)", "steep": "steepest descent (fastai)",
@@ -207,16 +205,10 @@ def check(s: DictConfig) -> None:
 
 
 def lr_find(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    validate.check(cfg)
     s = cfg.lr_find
     check(s)
     t = cfg.trainer
-    device = pick_device(t.device)
-    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
-    seed_everything(t.seed, t.deterministic)
-    data = load(cfg.data, device)
-    restrict(data, t)
-    model = build_mlp(cfg, data.n_classes).to(device)
+    device, data, model = prepare(cfg, parallel_jobs)
     if cfg.transfer.source:
         transfer.reuse(model, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import CONF_DIR, checkpoint, validate
-from dnnlab.data import load
+from dnnlab import CONF_DIR, checkpoint
 from dnnlab.errors import bad_value
-from dnnlab.model import build_mlp, widths
+from dnnlab.model import widths
 from dnnlab.optim import build_optimizer
 from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
-from dnnlab.train import pick_device, pick_threads, restrict, run_task, seed_everything
+from dnnlab.train import prepare, run_task
 from dnnlab.ui import Progress, print_summary
 
 log = logging.getLogger("dnnlab")
@@ -109,16 +108,10 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
 
 
 def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    validate.check(cfg)
+    device, data, model = prepare(cfg, parallel_jobs)
     t, p = cfg.trainer, cfg.pretrain
     if p.kind == "same_digit" and cfg.data.n_per_class is not None:
         log.warning("same_digit pairs come from data.n_per_class=%s images per class", cfg.data.n_per_class)
-    device = pick_device(t.device)
-    torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
-    seed_everything(t.seed, t.deterministic)
-    data = load(cfg.data, device)
-    restrict(data, t)
-    model = build_mlp(cfg, data.n_classes).to(device)
     recorder = Recorder(run_dir)
     write_json(run_dir / "environment.json", environment(device))
     generator = torch.Generator(device=device).manual_seed(t.seed)

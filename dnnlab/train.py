@@ -244,22 +244,28 @@ def resume_point(run_dir: Path, t: DictConfig, config_text: str) -> dict | None:
     return state
 
 
-def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    """Train one configured network; write every output into run_dir; return the summary."""
+def prepare(cfg: DictConfig, parallel_jobs: int = 1) -> tuple[torch.device, Splits, torch.nn.Sequential]:
+    """How every command that trains starts: the config checked, device, threads and seeds set, the data on the
+    device, the network built (initialised from the seed)."""
     validate.check(cfg)
     t = cfg.trainer
     device = pick_device(t.device)
     torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
     seed_everything(t.seed, t.deterministic)
+    data = load(cfg.data, device)
+    restrict(data, t)
+    return device, data, build_mlp(cfg, data.n_classes).to(device)
+
+
+def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
+    """Train one configured network; write every output into run_dir; return the summary."""
+    device, data, model = prepare(cfg, parallel_jobs)
+    t = cfg.trainer
     if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
-
-    data = load(cfg.data, device)
-    restrict(data, t)
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
              len(data.x_train), len(data.x_val), len(data.x_test))
-    model = build_mlp(cfg, data.n_classes).to(device)
     reused = transfer.reuse(model, cfg) if cfg.transfer.source else None
     n, bs = len(data.x_train), t.batch_size
     steps_per_epoch = math.ceil(n / bs) - (n % bs == 1 and n > 1)  # a lone last example would break BatchNorm

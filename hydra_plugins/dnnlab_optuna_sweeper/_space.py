@@ -61,7 +61,7 @@ def key_text(override: Override) -> str:
 
 def to_distribution(override: Override) -> tuple[BaseDistribution, list | None, list[str]]:
     """(distribution, grid values or None, texts of categorical choices) of a sweep override."""
-    value, key = override.value(), override.key_or_group
+    value = override.value()
     log = "log" in getattr(value, "tags", set())
     try:
         if isinstance(value, ChoiceSweep):
