@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> None:
 
     table, compared = [], []
     for row in rows:
-        start = time.perf_counter()
         found = evaluate(row, args.out, seeds, common)
         values = [f["value"] for f in found if f["value"] is not None]
         mean, spread = mean_spread(values) if values else (float("nan"), 0.0)
@@ -168,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": len(values), "metric": row.metric,
             "train seconds": f"{mean_spread(seconds)[0]:.1f}" if seconds else "",
             "verdict": verdict(mean, spread, row.book, args.quick) if percent else "no number in the book",
-            "wall seconds": f"{time.perf_counter() - start:.0f}",
         })
     title = (f"Chapter 11 reproduced{' (quick smoke run, not comparable)' if args.quick else ''}: "
              f"{seeds} seed(s), accuracies in %")
