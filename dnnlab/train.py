@@ -135,11 +135,12 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
                 autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0
                 ) -> tuple[float, float, int, float]:
     """One pass over the training split in a seeded random order: (mean loss, accuracy, phase step, last lr).
-    Loss and accuracy accumulate on the device; on CUDA the host waits only every 100 steps (finiteness check).
+    Loss and accuracy accumulate on the device. On the CPU every step checks that the loss is finite (it costs
+    nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it.
     `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
     records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first)."""
     device = x_all.device
-    check_every = 1 if device.type == "cpu" else 100
+    check_every_step = device.type == "cpu"
     if position is None:
         position = {"perm": torch.randperm(len(x_all), device=device, generator=generator), "i": 0,
                     "loss_sum": torch.zeros((), device=device),
@@ -148,7 +149,7 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     net.train()
     for i in range(position["i"], steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
-        x, y = x_all[idx], y_all[idx]
+        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
         lr, momentum = schedule.lr(step), schedule.momentum(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -171,7 +172,7 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
         step += 1
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-        if step % check_every == 0 and not torch.isfinite(loss_sum):
+        if check_every_step and not torch.isfinite(loss_sum):
             raise Diverged(f"step {step}: loss is {loss.item()}")
         if i % 50 == 0:
             progress.step(i)
@@ -183,6 +184,22 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     if not math.isfinite(mean_loss):
         raise Diverged(f"step {step}: mean training loss is {mean_loss}")
     return mean_loss, correct.item() / n, step, lr
+
+
+class Compiled(torch.nn.Module):
+    """`trainer.compile`: the network as torch.compile builds it, for the training steps (evaluation keeps the
+    plain network: other batch shapes, no graphs to record). On CUDA mode "reduce-overhead" replays each step's
+    kernels as a CUDA graph, which removes the launch overhead that dominates small batches of small networks."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.net, self.cuda_graphs = net, device.type == "cuda"
+        self.compiled = torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None, dynamic=False)
+
+    def forward(self, x):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs may be reused
+        return self.compiled(x)
 
 
 @contextmanager
@@ -261,7 +278,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
-    if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
+    if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "dnnlab.activations.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
@@ -321,6 +338,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                 cache_seconds += time.perf_counter() - start
             else:
                 net = model
+            train_net = Compiled(net, device) if t.compile else net
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
             rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
@@ -338,8 +356,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     start = time.perf_counter() - (position["elapsed"] if position else 0.0)
                     try:
                         train_loss, train_acc, phase_step, lr = train_epoch(
-                            net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule, phase_step,
-                            generator, autocast, progress, stop, position, diag, step)
+                            train_net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule,
+                            phase_step, generator, autocast, progress, stop, position, diag, step)
                     except Interrupted as e:
                         phase_step = e.position["step"]
                         save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})

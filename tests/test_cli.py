@@ -81,7 +81,7 @@ def test_cfg_job_prints_the_composed_config_without_running(dnnlab, tmp_path):
     assert cfg.optimizer._target_ == "torch.optim.NAdam"
     assert cfg.schedule._target_ == "dnnlab.schedule.OneCycle"
     assert cfg.schedule.max_lr == cfg.optimizer.lr == 0.001  # ${optimizer.lr}, resolved here
-    assert cfg.init.mode == "fan_in" and cfg.activation._target_ == "torch.nn.ELU"  # the other defaults stay
+    assert cfg.init.mode == "fan_in" and cfg.activation._target_ == "dnnlab.activations.ELU"  # the other defaults stay
     assert not (tmp_path / "outputs").exists()
 
 

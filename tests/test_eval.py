@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
 
 def test_a_checkpoint_with_a_foreign_target_is_refused(trained, tmp_path, capsys):
     state = checkpoint.load(trained() / "checkpoints" / "best.pt")
-    state["config"] = state["config"].replace("torch.nn.ELU", "os.system")
+    state["config"] = state["config"].replace("dnnlab.activations.ELU", "os.system")
     checkpoint.save(tmp_path / "evil.pt", state)
     with pytest.raises(SystemExit):
         eval_main([str(tmp_path / "evil.pt")])
