@@ -23,6 +23,8 @@ COMMANDS = {
     "report": ("dnnlab.report", "main", False, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
     "reproduce": ("dnnlab.reproduce", "main", False,
                   "rerun chapter 11's experiments beside the book's numbers (--quick, --seeds, --only)"),
+    "bench": ("dnnlab.bench", "main", False,
+              "time dnnlab against a DataLoader loop and Keras, stacked sweeps, cached transfer (--help)"),
     "data": ("dnnlab.cli", "data_command", False, "[NAME]: find (or download) mnist or fashion_mnist, print where"),
 }
 

@@ -1,0 +1,86 @@
+"""The speed benchmark (`dnnlab bench`, scripts/bench.py) runs end to end on tiny data and writes valid reports."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dnnlab import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root, tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "DNNLAB_DATA": str(data_root)}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--no-keras", "--out",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["machine"]["nproc"] == len(os.sched_getaffinity(0))
+    speed = {r["contender"]: r for r in report["speed"]["rows"]}
+    assert set(speed) == {"dnnlab", "DataLoader loop (torch default threads)", "arithmetic floor"}
+    for row in speed.values():
+        assert isinstance(row["s/epoch"], float) and row["s/epoch"] > 0, row
+    assert speed["dnnlab"]["x dnnlab"] == 1.0
+    assert report["speed"]["n_train"] == report["speed"]["results"]["dnnlab"][0]["n_train"] == 245
+    assert "keras" in report["speed"]["notes"]  # skipped, with the reason
+    stacked = report["stacked"]["rows"]
+    assert [r["jobs"] for r in stacked] == [1, 2] and stacked[1]["note"].startswith("2 jobs in one stack")
+    transfer = report["transfer"]["rows"]
+    assert [r["variant"] for r in transfer] == ["frozen 5 layers, recomputed", "frozen 5 layers, cached"]
+    assert transfer[1]["cache s"] > 0
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["dnnlab >= 3x faster than Keras"]["met"] is None  # not measured
+    assert any(t.startswith("2 stacked jobs") for t in targets)
+    md = (out / "bench.md").read_text()
+    for heading in ("### Training speed", "### Stacked sweeps", "### Transfer", "### Targets"):
+        assert heading in md
+    assert "| contender | s/epoch | images/s | peak RSS MB | x dnnlab |" in md
+    for stem in ("speed", "stacked", "transfer"):  # each table also as CSV and Markdown
+        assert (out / f"{stem}.csv").is_file() and (out / f"{stem}.md").is_file()
+
+
+def test_flops_per_epoch_counts_forward_and_both_gradients():
+    macs = 784 * 100 + 4 * 100 * 100 + 100 * 5
+    first = 784 * 100
+    assert bench.flops_per_epoch(1, 0) == 6 * macs - 2 * first  # no input gradient for the images
+    assert bench.flops_per_epoch(0, 1) == 2 * macs
+    assert 15e9 < bench.flops_per_epoch(27457, 2543) < 17e9
+
+
+def test_the_peers_train_on_the_same_images_as_dnnlab(data_root, monkeypatch):
+    from dnnlab.data import load
+    from dnnlab.runs import compose_config
+
+    monkeypatch.delenv("DNNLAB_DATA", raising=False)
+    cfg = compose_config([f"data.root={data_root}", "data.classes=[0,1,2,3,4]", "data.val_size=100"])
+    data = load(cfg.data, torch.device("cpu"))
+    x, y = bench.read_raw(bench.fashion_folder(data_root), "train")
+    train, val = bench.split_indices(y, 100)
+    assert np.array_equal(y[train], data.y_train.numpy()) and np.array_equal(y[val], data.y_val.numpy())
+    assert torch.equal(torch.from_numpy(x[train].astype(np.float32) / 255), data.x_train)
+
+
+def test_torchvision_reads_the_decompressed_copy(data_root, tmp_path):
+    from torchvision import datasets
+
+    root = bench.torchvision_root(data_root, tmp_path)
+    dataset = datasets.FashionMNIST(str(root), train=True, download=False)
+    assert len(dataset) == 600
+
+
+@pytest.mark.skipif(bench.keras_python(type("A", (), {"no_keras": False, "keras_python": None})()) is None,
+                    reason="no Python with Keras here (see dnnlab bench --help)")
+def test_keras_worker_trains_the_same_network(data_root):
+    python = bench.keras_python(type("A", (), {"no_keras": False, "keras_python": None})())
+    result = bench.spawn(python, "keras", ["--data-root", str(data_root), "--val-size", "100", "--epochs", "2"],
+                         timeout=600)
+    assert "error" not in result, result
+    assert len(result["epoch_seconds"]) == 2 and result["n_train"] == 245 and result["peak_rss_mb"] > 0
