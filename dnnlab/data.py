@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-COUNTS = {"train": 60000, "test": 10000}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803: ubyte, 3 dims; 0x00000801: ubyte, 1 dim
 log = logging.getLogger("dnnlab")
 
@@ -60,6 +60,8 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
     if download:
         target = cache_dir()
         log.warning("%s: no local copy; downloading it with torchvision into %s", name, target)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # torchvision's urlopen has none: a network that drops packets would hang
         try:
             import torchvision.datasets as tvd
 
@@ -71,6 +73,8 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
             tried.append(Path(f"torchvision download into {target} ({type(e).__name__}: {first_line})"))
         else:
             return target / FOLDERS[name] / "raw"
+        finally:
+            socket.setdefaulttimeout(previous)
     hint = "set data.root or $DNNLAB_DATA to a folder with the four IDX files"
     if name == "fashion_mnist":
         hint += " (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"

@@ -39,14 +39,14 @@ def apply_init(layers: list[nn.Linear], cfg: DictConfig) -> None:
 
 # The book's table of initializations per activation: (scale, fan mode) for VarianceScaling.
 MATCHING = {
-    "dnnlab.activations.SELU": (1.0, "fan_in"),  # LeCun
+    "torch.nn.SELU": (1.0, "fan_in"),  # LeCun
     "torch.nn.Sigmoid": (1.0, "fan_avg"), "torch.nn.Tanh": (1.0, "fan_avg"),  # Glorot
     "torch.nn.Softplus": (1.0, "fan_avg"),
 }
 
 
 def matching(weight: torch.Tensor, activation: str, distribution: str = "normal") -> torch.Tensor:
-    """The initialization the book pairs with `activation` (a class path): LeCun for SELU, Glorot for
+    """The initialization the book pairs with `activation` (a torch class path): LeCun for SELU, Glorot for
     sigmoid, tanh and softplus, He for the ReLU family, ELU, GELU, Swish and Mish."""
     scale, mode = MATCHING.get(activation, (2.0, "fan_in"))
     return variance_scaling(weight, scale, mode, distribution)

@@ -192,8 +192,7 @@ def main(argv: list[str]) -> None:
         if unknown or not precisions:
             raise DnnlabError(f"--precisions={args.precisions} is not allowed: a comma-separated subset of "
                               f"{','.join(PRECISIONS)}")
-        if "fp32" in precisions:  # the reference comes first
-            precisions = ["fp32"] + [p for p in precisions if p != "fp32"]
+        precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # the reference for the accuracy change
         measure(args.run, args.out, args.batch_size, args.repeats, args.warmup, precisions, args.threads,
                 args.data_root, args.device)
     except DnnlabError as e:

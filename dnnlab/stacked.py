@@ -52,7 +52,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dnnlab import checkpoint, validate
-from dnnlab.activations import SELU_ALPHA, SELU_SCALE, elu
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
 from dnnlab.optim import build_optimizer, set_momentum
@@ -61,6 +60,7 @@ from dnnlab.schedule import build_schedule
 from dnnlab.train import EarlyStopping, evaluate, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805  # torch.nn.SELU's (Klambauer et al.)
 
 # Config groups a job may set freely within a stack; every other key must be equal across the stack.
 PER_JOB_GROUPS = ("init", "optimizer", "schedule", "regularizer")
@@ -205,7 +205,7 @@ class _Layer(torch.autograd.Function):
     def forward(ctx, x, w, b, grad_w, grad_b, act):
         out = torch.baddbmm(b.unsqueeze(1), x, w)
         if act is not None:
-            out = elu(out, *act)
+            out = torch.ops.aten.elu(out, *act)  # alpha, scale: ELU and SELU
         ctx.save_for_backward(x, w, out if act is not None else None)
         ctx.grads, ctx.act = (grad_w, grad_b), act
         return out
@@ -225,9 +225,9 @@ class _Layer(torch.autograd.Function):
 def activation_fn(cfg: DictConfig):
     """(alpha, scale) for ELU and SELU, computed inside the stacked layers; any other activation as its module."""
     target = cfg.activation._target_
-    if target == "dnnlab.activations.ELU":
+    if target == "torch.nn.ELU":
         return (float(cfg.activation.get("alpha", 1.0)), 1.0)
-    if target == "dnnlab.activations.SELU":
+    if target == "torch.nn.SELU":
         return (SELU_ALPHA, SELU_SCALE)
     return instantiate(cfg.activation)()
 
@@ -338,7 +338,7 @@ class Stack:
             else:
                 h = torch.baddbmm(b.detach().unsqueeze(1), h, w.detach())
             if i < last:
-                h = elu(h, *self.act) if fused else self.act(h)
+                h = torch.ops.aten.elu(h, *self.act) if fused else self.act(h)
         return h
 
 

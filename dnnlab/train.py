@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, checkpoint, transfer, validate
+from dnnlab import CONF_DIR, checkpoint, hydra_files, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
@@ -136,7 +136,9 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
                 ) -> tuple[float, float, int, float]:
     """One pass over the training split in a seeded random order: (mean loss, accuracy, phase step, last lr).
     Loss and accuracy accumulate on the device. On the CPU every step checks that the loss is finite (it costs
-    nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it.
+    nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it: a count
+    of finite losses, kept on the device, then tells the step where the loss stopped being finite (non-finite
+    weights keep it so).
     `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
     records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first)."""
     device = x_all.device
@@ -146,6 +148,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
                     "loss_sum": torch.zeros((), device=device),
                     "correct": torch.zeros((), device=device, dtype=torch.long), "lr": schedule.lr(step)}
     perm, loss_sum, correct, lr = position["perm"], position["loss_sum"], position["correct"], position["lr"]
+    finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
+    first_step = step - position["i"]
     net.train()
     for i in range(position["i"], steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
@@ -172,17 +176,20 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
         step += 1
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-        if check_every_step and not torch.isfinite(loss_sum):
-            raise Diverged(f"step {step}: loss is {loss.item()}")
+        if check_every_step:
+            if not torch.isfinite(loss_sum):
+                raise Diverged(f"step {step}: loss is {loss.item()}")
+        else:
+            finite += torch.isfinite(loss)
         if i % 50 == 0:
             progress.step(i)
         if stop.is_set():
             raise Interrupted({"perm": perm, "i": i + 1, "loss_sum": loss_sum, "correct": correct, "lr": lr,
-                               "step": step})
+                               "step": step, "finite": finite})
     n = min(len(x_all), steps * batch_size)
     mean_loss = loss_sum.item() / n
-    if not math.isfinite(mean_loss):
-        raise Diverged(f"step {step}: mean training loss is {mean_loss}")
+    if not math.isfinite(mean_loss):  # on a GPU: found now, at the step after the last finite loss
+        raise Diverged(f"step {first_step + finite.item() + 1}: loss is not finite (mean training loss {mean_loss})")
     return mean_loss, correct.item() / n, step, lr
 
 
@@ -278,7 +285,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
-    if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "dnnlab.activations.SELU":
+    if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
@@ -371,10 +378,11 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     rows.append(row)
                     recorder.log_epoch(row)
                     schedule.end_epoch(val_loss)
-                    improved = stopper.update(row, model)
-                    save("last.pt")  # first: it alone is what a resumption reads
-                    if improved:
+                    # best.pt before last.pt: a crash between the two resumes from the previous last.pt, which
+                    # redoes this epoch and writes best.pt again (the other order could leave best.pt stale)
+                    if stopper.update(row, model):
                         save("best.pt")
+                    save("last.pt")
                     if t.checkpoint_every and row["epoch"] % t.checkpoint_every == 0:
                         save(f"epoch_{row['epoch']}.pt")
                     progress.epoch(row)
@@ -433,8 +441,10 @@ def run_task(job, cfg: DictConfig) -> float:
         summary = job(cfg, run_dir, parallel_jobs())
     except DnnlabError as e:
         error(str(e))
-        if multirun:  # record the failed job and let the sweep go on
-            write_json(run_dir / "summary.json", {"status": "failed", "reason": str(e)})
+        hydra_files.restore(run_dir, HydraConfig.get().output_subdir or ".hydra")
+        if multirun:  # record the failed job (unless the directory holds an earlier run's) and go on
+            if not (run_dir / "summary.json").exists():
+                write_json(run_dir / "summary.json", {"status": "failed", "reason": str(e)})
             return math.nan
         sys.exit(2)
     if summary["status"] == "interrupted":

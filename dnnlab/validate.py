@@ -5,6 +5,7 @@ The first failure becomes one line: `key=value is not allowed: what is allowed`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -12,13 +13,11 @@ import re
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dnnlab import CONF_DIR
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.init import DISTRIBUTIONS, FAN_MODES
 
 _ABSENT = object()
-# Config files may name Python callables (_target_); only these prefixes (and $DNNLAB_ALLOWED_TARGETS, a
-# comma-separated list of prefixes) may be instantiated, so an override cannot make dnnlab call os.system.
-ALLOWED_TARGET_PREFIXES = ("dnnlab.", "torch.optim.", "torch.nn.")
 
 
 def number(v) -> bool:
@@ -188,12 +187,30 @@ def _targets(node, path=""):
                 yield from _targets(node._get_node(key), child)
 
 
+@functools.cache
+def known_targets() -> frozenset[str]:
+    """The callables a config may name (_target_): those of the shipped configs, every torch.nn module, torch.optim
+    optimizer and torch.nn.init initializer, by their exact names. Not prefixes: Hydra follows attributes through modules, so a
+    prefix such as "dnnlab." would let in dnnlab.train.os.system."""
+    names = {f"torch.nn.{n}" for n, v in vars(torch.nn).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)}
+    names |= {f"torch.optim.{n}" for n, v in vars(torch.optim).items()
+              if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)}
+    names |= {f"torch.nn.init.{n}" for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")}
+    for path in CONF_DIR.rglob("*.yaml"):
+        names.update(re.findall(r"^\s*_target_:\s*([\w.]+)", path.read_text(), re.M))
+    return frozenset(names)
+
+
 def check_targets(cfg: DictConfig) -> None:
-    extra = tuple(p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p)
+    """Refuse a _target_ that is not a known component, unless $DNNLAB_ALLOWED_TARGETS names it (comma-separated
+    names; one ending in "." allows everything under it)."""
+    extra = [p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p]
     for key, target in _targets(cfg):
-        if not (isinstance(target, str) and target.startswith(ALLOWED_TARGET_PREFIXES + extra)):
-            raise bad_value(key, target, f"a dnnlab or torch component ({', '.join(ALLOWED_TARGET_PREFIXES)}...); "
-                                         "allow others with $DNNLAB_ALLOWED_TARGETS=prefix,...")
+        allowed = isinstance(target, str) and (target in known_targets() or any(
+            target == p or (p.endswith(".") and target.startswith(p)) for p in extra))
+        if not allowed:
+            raise bad_value(key, target, "a dnnlab component (a _target_ of the shipped configs, a torch.nn module, "
+                                         "torch.optim optimizer or torch.nn.init function); allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
 
 
 def check_device(value: str) -> None:

@@ -67,6 +67,9 @@ CATALOGUE = [  # (overrides, what the line must contain)
     # components that must not be called
     ("optimizer._target_=os.system", "optimizer._target_='os.system'"),
     ("init._target_=subprocess.run", "init._target_='subprocess.run'"),
+    # Hydra follows attributes through modules: a dnnlab prefix alone would let these in
+    ("activation._target_=dnnlab.train.os.system", "activation._target_='dnnlab.train.os.system'"),
+    ("init._target_=dnnlab.checkpoint.atomic_write", "init._target_='dnnlab.checkpoint.atomic_write'"),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("trainer.device=cuda", "trainer.device='cuda' is not allowed: no CUDA device here"))
@@ -138,6 +141,19 @@ def test_alpha_dropout_without_selu_is_allowed_but_warned(make_cfg, tmp_path, ca
     summary = train(make_cfg("regularizer=alpha_dropout", "activation=relu"), tmp_path)
     assert summary["status"] == "completed"
     assert "alpha_dropout keeps SELU's self-normalisation" in caplog.text
+
+
+def test_other_torch_components_are_allowed_and_more_can_be_allowed_by_name(make_cfg, monkeypatch):
+    from dnnlab.validate import check
+
+    check(make_cfg("activation._target_=torch.nn.Hardswish", "init._target_=torch.nn.init.kaiming_uniform_"))
+    cfg = make_cfg("activation._target_=collections.OrderedDict")
+    with pytest.raises(DnnlabError, match="DNNLAB_ALLOWED_TARGETS"):
+        check(cfg)
+    monkeypatch.setenv("DNNLAB_ALLOWED_TARGETS", "collections.OrderedDict")
+    check(cfg)
+    monkeypatch.setenv("DNNLAB_ALLOWED_TARGETS", "collections.")  # a trailing dot: everything under it
+    check(cfg)
 
 
 def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):

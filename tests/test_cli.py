@@ -81,7 +81,7 @@ def test_cfg_job_prints_the_composed_config_without_running(dnnlab, tmp_path):
     assert cfg.optimizer._target_ == "torch.optim.NAdam"
     assert cfg.schedule._target_ == "dnnlab.schedule.OneCycle"
     assert cfg.schedule.max_lr == cfg.optimizer.lr == 0.001  # ${optimizer.lr}, resolved here
-    assert cfg.init.mode == "fan_in" and cfg.activation._target_ == "dnnlab.activations.ELU"  # the other defaults stay
+    assert cfg.init.mode == "fan_in" and cfg.activation._target_ == "torch.nn.ELU"  # the other defaults stay
     assert not (tmp_path / "outputs").exists()
 
 
@@ -133,6 +133,25 @@ def test_bad_value_is_one_line_on_stderr_and_exit_2(dnnlab, tmp_path, override, 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and f"{key}=" in lines[0]
     assert not (run_dir / "metrics.csv").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_a_refused_command_leaves_the_reused_run_directory_as_it_was(dnnlab, tmp_path):
+    run_dir, sweep = tmp_path / "run", tmp_path / "sweep"
+    assert dnnlab("train", "debug=smoke", "data.val_size=100", f"hydra.run.dir={run_dir}").returncode == 0
+    assert dnnlab("train", "-m", "debug=smoke", "data.val_size=100", f"hydra.sweep.dir={sweep}").returncode == 0
+
+    def files():
+        """Every file but the logs (appended to) and the sweep's multirun.yaml (each sweep command writes its own)."""
+        return {p: p.read_bytes() for d in (run_dir, sweep) for p in d.rglob("*")
+                if p.is_file() and p.suffix != ".log" and p.name != "multirun.yaml"}
+
+    before = files()
+    for refused in ("optimizer.lr=-1", "optimizer.lr=0.01"):  # a bad value; another config than the run's
+        result = dnnlab("train", "debug=smoke", "data.val_size=100", refused, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+        result = dnnlab("train", "-m", "debug=smoke", "data.val_size=100", refused, f"hydra.sweep.dir={sweep}")
+        assert result.returncode == 0 and "error: " in result.stderr, result.stderr  # recorded, the sweep goes on
+    assert files() == before  # .hydra/ (which Hydra rewrites before the task runs), summary, metrics, checkpoints
 
 
 def test_unknown_option_lists_the_valid_ones(dnnlab):

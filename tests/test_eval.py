@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
 
 def test_a_checkpoint_with_a_foreign_target_is_refused(trained, tmp_path, capsys):
     state = checkpoint.load(trained() / "checkpoints" / "best.pt")
-    state["config"] = state["config"].replace("dnnlab.activations.ELU", "os.system")
+    state["config"] = state["config"].replace("torch.nn.ELU", "os.system")
     checkpoint.save(tmp_path / "evil.pt", state)
     with pytest.raises(SystemExit):
         eval_main([str(tmp_path / "evil.pt")])
@@ -230,3 +230,9 @@ def test_latency_rejects_an_unknown_precision(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         latency_main([str(trained()), "--precisions", "fp8"])
     assert exit_info.value.code == 2 and "--precisions=fp8" in capsys.readouterr().err
+
+
+def test_latency_of_one_lower_precision_still_reports_the_change_against_fp32(trained, tmp_path):
+    latency_main([str(trained()), "--precisions", "int8", "--repeats", "10", "--out", str(tmp_path)])
+    rows = {r["precision"]: r for r in json.loads((tmp_path / "latency.json").read_text())["rows"]}
+    assert list(rows) == ["fp32", "int8"] and isinstance(rows["int8"]["acc_change_pp"], float)

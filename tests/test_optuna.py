@@ -312,6 +312,8 @@ def postgres_url():
 
     bindir = postgres_bindir()
     if bindir is None:
+        if os.environ.get("CI"):  # .ci/run installs PostgreSQL: its absence there is a broken set-up, not a skip
+            pytest.fail("CI=true but no PostgreSQL server binaries were found (see .ci/run)")
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; "
                     "install Debian's postgresql package")
     as_root = os.geteuid() == 0

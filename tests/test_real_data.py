@@ -45,3 +45,33 @@ def test_exercise_9_transfer_on_real_mnist(tmp_path):
     assert frozen["test_acc"] > 0.70  # the book's notebook: 64 % (61 % cached)
     tuned = train(real_cfg(*common, "transfer.unfreeze_top=all"), tmp_path / "tuned")
     assert tuned["test_acc"] > frozen["test_acc"]
+
+
+def diagnose_real(tmp_path, *overrides):
+    from dnnlab.diagnose import diagnose
+    from dnnlab.runs import compose_config
+
+    cfg = compose_config([f"data.root={SHARED_DATA}", "trainer.progress=false", "diagnose.steps=0", *overrides],
+                         "diagnose_app")
+    return diagnose(cfg, tmp_path / "_".join(o.replace("/", "") for o in overrides)[:80])["profile"]
+
+
+def test_the_chapter_stories_show_on_real_data(tmp_path):
+    """dnnlab diagnose on Fashion-MNIST: vanishing gradients, self-normalisation, dying ReLUs (README, Diagnostics)."""
+    # sigmoid with normal(0, 1): the gradients shrink toward the lower layers; ELU with He init keeps them level
+    sigmoid = diagnose_real(tmp_path, "activation=sigmoid", "init=normal")["init"]
+    elu = diagnose_real(tmp_path, "activation=elu", "init=he_normal")["init"]
+    assert sigmoid[0]["grad_rms"] < sigmoid[-1]["grad_rms"] / 3 and min(r["saturated"] for r in sigmoid) > 0.5
+    assert max(r["grad_rms"] for r in elu) < 3 * min(r["grad_rms"] for r in elu)
+    assert elu[0]["grad_rms"] > 10 * sigmoid[0]["grad_rms"]
+    # 100 layers: SELU + LeCun on standardised inputs keeps mean ~0 and std ~1 throughout; ReLU + He drifts
+    deep = ["model.n_hidden=100", "data.standardize=per_pixel"]
+    selu = diagnose_real(tmp_path, *deep, "activation=selu", "init=lecun_normal")["init"]
+    relu = diagnose_real(tmp_path, *deep, "activation=relu", "init=he_normal")["init"]
+    assert len(selu) == 100 and all(0.8 < r["act_std"] < 1.2 and abs(r["act_mean"]) < 0.2 for r in selu)
+    assert relu[-1]["act_std"] < 0.5 * relu[0]["act_std"]
+    # a large learning rate kills ReLU units; leaky ReLU's never die
+    hot = ["diagnose.steps=300", "optimizer.lr=0.1"]
+    dead_relu = diagnose_real(tmp_path, *hot, "activation=relu")["after"]
+    leaky = diagnose_real(tmp_path, *hot, "activation=leaky_relu")["after"]
+    assert max(r["dead"] for r in dead_relu) > 0.5 and max(r["dead"] for r in leaky) == 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dnnlab.errors import DnnlabError
 from dnnlab.train import train
@@ -17,17 +18,18 @@ from dnnlab.train import train
 WRAPPER = r"""
 import os, signal, sys
 import dnnlab.checkpoint as ck, dnnlab.optim as optim, dnnlab.record as record
-kind, n = os.environ.get("KILL_AT", "none:0").split(":")
+kind, point = os.environ.get("KILL_AT", "none:0").split(":")
+name, n = point.split("@") if "@" in point else (None, point)  # checkpoint_write:FILE@N: the N-th write of FILE
 n, count = int(n), [0]
 
 def hit():
     count[0] += 1
     return count[0] == n
 
-if kind == "checkpoint_write":  # half of the n-th checkpoint file is on disk, not yet renamed into place
+if kind == "checkpoint_write":  # half of the file is on disk, not yet renamed into place
     real = ck.atomic_write
     def atomic_write(path, data):
-        if hit():
+        if path.name == name and hit():
             with open(path.with_name(f".{path.name}.tmp{os.getpid()}"), "wb") as f:
                 f.write(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
@@ -81,11 +83,20 @@ def assert_same_as_baseline(run_dir: Path, baseline: Path, resumed: bool = True)
     for key in ("status", "epochs", "best_epoch", "val_acc", "val_loss", "test_acc", "test_loss", "steps"):
         assert mine[key] == theirs[key], key
     assert mine["resumed"] is resumed
+    from dnnlab import checkpoint
+
+    best, theirs_best = (checkpoint.load(d / "checkpoints" / "best.pt") for d in (run_dir, baseline))
+    assert best["epoch"] == theirs_best["epoch"]  # best.pt is the best epoch's, not an older one left behind
+    assert all(torch.equal(best["model"][k], v) for k, v in theirs_best["model"].items())
 
 
 @pytest.mark.parametrize("kill,resumed", [
-    ("checkpoint_write:1", False),  # the very first last.pt: nothing to resume from, the run starts over
-    ("checkpoint_write:4", True), ("checkpoint_write:6", True), ("metrics_row:2", True), ("step:23", True)])
+    ("checkpoint_write:last.pt@1", False),  # the very first last.pt: nothing to resume from, the run starts over
+    ("checkpoint_write:best.pt@2", True),   # a later best.pt: resumes from the epoch before and writes it again
+    ("checkpoint_write:last.pt@3", True),   # overwriting last.pt: the previous one is still whole
+    ("checkpoint_write:epoch_2.pt@1", True),  # a periodic checkpoint
+    ("metrics_row:2", True),                # the row is written, its checkpoints are not
+    ("step:23", True)])                     # in the middle of epoch 2
 def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, baseline, kill, resumed):
     run_dir = tmp_path / "run"
     killed = run(data_root, run_dir, kill)

@@ -46,7 +46,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def assert_same_metrics(stacked: Path, alone: Path, atol: float = 2e-5, rtol: float = 1e-4) -> None:
-    """Equal epochs, and every metric equal up to float rounding (the stack's batched products and its exp-1 ELU
+    """Equal epochs, and every metric equal up to float rounding (the stack's batched products
     sum in another order; a wrong seed, rate, mask or schedule shows as differences of 1e-3 and more)."""
     a, b = metrics(stacked), metrics(alone)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]

@@ -73,6 +73,17 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_the_sequential_results(data_
         assert json.loads((par_out / job / "summary.json").read_text())["threads"] == 1  # its share: 2 cores / 2
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell a share from all of them")
+def test_joblib_jobs_take_their_share_of_the_cores_from_the_launcher(data_root, tmp_path):
+    big = ["model.n_neurons=600", "trainer.batch_size=256", "trainer.epochs=1"]  # large enough for all cores alone
+    alone, alone_out = sweep(data_root, tmp_path / "alone", "trainer.seed=1", *big)
+    par, par_out = sweep(data_root, tmp_path / "par", "trainer.seed=1,2", "hydra/launcher=joblib",
+                         "hydra.launcher.n_jobs=2", *big)
+    assert alone.returncode == 0 and par.returncode == 0, par.stderr
+    assert summaries(alone_out)[0]["threads"] == len(os.sched_getaffinity(0))
+    assert [s["threads"] for s in summaries(par_out).values()] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
+
+
 def test_parallel_jobs_share_the_cores(monkeypatch):
     from omegaconf import OmegaConf
 

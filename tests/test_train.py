@@ -14,7 +14,7 @@ from dnnlab.model import build_mlp
 from dnnlab.record import COLUMNS
 from dnnlab.train import train
 
-GROUPS = ("init", "activation", "norm", "optimizer", "schedule", "regularizer")
+GROUPS = ("init", "activation", "norm", "optimizer", "schedule", "regularizer", "data")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
@@ -122,6 +122,19 @@ def test_default_network_is_the_books_exercise(make_cfg):
     assert sum(isinstance(m, torch.nn.ELU) for m in model.modules()) == 5
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.batch_size == 32
     assert cfg.trainer.early_stopping.monitor == "val_loss"
+    assert default_choices() == {"init": "he_normal", "activation": "elu", "norm": "none", "optimizer": "adam",
+                                        "schedule": "constant", "regularizer": "none", "data": "fashion_mnist"}
+    assert (cfg.init.scale, cfg.init.mode, cfg.init.distribution) == (2.0, "fan_in", "normal")  # He normal
+    assert make_cfg("activation=leaky_relu").activation.negative_slope == 0.2  # the book's advice, not torch's 0.01
+
+
+def default_choices() -> dict:
+    """The option `dnnlab train` picks in each group when none is given (Hydra's record of the defaults list)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        choices = compose("train", return_hydra_config=True).hydra.runtime.choices
+    return {g: choices[g] for g in GROUPS}
 
 
 def test_classes_subset_sets_the_output_width(make_cfg, tmp_path):

@@ -150,3 +150,17 @@ def test_frozen_epochs_sets_the_first_phase(make_cfg, source, tmp_path):
     summary = train(target(make_cfg, source, "transfer.unfreeze_top=all", "transfer.frozen_epochs=1",
                            "trainer.early_stopping.monitor=null"), tmp_path)
     assert [p["epochs"] for p in summary["phases"]] == [1, 3]  # the book: 4 frozen epochs, then 16 more
+
+
+def test_reuse_works_across_a_different_output_width(make_cfg, source, tmp_path):
+    """The 5-class source under a 10-class and a 2-class head: the hidden layers carry over, the output is new."""
+    src = checkpoint.load(source / "checkpoints" / "best.pt")["model"]
+    for classes, width in (("null", 10), ("[3,8]", 2)):
+        run_dir = tmp_path / str(width)
+        summary = train(make_cfg("transfer=reuse", f"transfer.source={source}", f"data.classes={classes}",
+                                 "trainer.epochs=2"), run_dir)
+        mine = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+        assert summary["status"] == "completed" and summary["transfer"]["reused"] == HIDDEN
+        assert mine["output.weight"].shape == (width, 100) and src["output.weight"].shape == (5, 100)
+        for block in HIDDEN:
+            assert same(blocks(mine, block), blocks(src, block)), block
