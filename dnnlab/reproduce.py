@@ -36,7 +36,7 @@ class Row:
 OPTIMIZERS = {"sgd": 0.8672, "momentum": 0.8672, "nesterov": 0.8708, "adagrad": 0.8424, "rmsprop": 0.8636,
               "adam": 0.8696, "adamax": 0.8780, "nadam": 0.8740, "adamw": 0.8702}
 TRANSFER_5_9 = [("5 frozen layers", [], 0.640), ("5 frozen layers, cached", ["transfer.cache=true"], 0.612),
-                ("reuse 4 layers", ["transfer.reuse_layers=4"], 0.691),
+                ("reuse 4 layers", ["model.n_hidden=4"], 0.691),
                 ("unfreeze the top two", ["transfer.unfreeze_top=2"], 0.781),
                 ("unfreeze all", ["transfer.unfreeze_top=all"], 0.913), ("from scratch", ["transfer=none"], 0.848)]
 ROWS = [

@@ -20,7 +20,7 @@ from dnnlab.runs import mean_spread, run, slug, write_table
 VARIANTS = [
     ("frozen 5 layers", [], 64.0),
     ("frozen 5 layers, cached", ["transfer.cache=true"], 61.2),
-    ("reuse 4 layers (frozen)", ["transfer.reuse_layers=4"], 69.1),
+    ("reuse 4 layers (frozen)", ["model.n_hidden=4"], 69.1),
     ("unfreeze the top two", ["transfer.unfreeze_top=2"], 78.1),
     ("unfreeze all", ["transfer.unfreeze_top=all"], 91.3),
     ("from scratch, same 500 images", ["transfer=none"], 84.8),
