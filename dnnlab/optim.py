@@ -23,6 +23,56 @@ def build_optimizer(cfg: DictConfig, params: list, device: torch.device, lr: flo
     return instantiate(kwargs)(params)
 
 
+def fusable(optimizer: torch.optim.Optimizer) -> bool:
+    """Torch's fused Adam or AdamW (dnnlab's default) over one parameter group: its step is one kernel call."""
+    group = optimizer.param_groups[0]
+    return (isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 1  # AdamW subclasses Adam
+            and bool(group.get("fused")) and not group.get("amsgrad") and not group.get("capturable")
+            and not group.get("differentiable"))
+
+
+def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
+    """The kernel that a fused Adam/AdamW step ends in, with `group`'s current hyperparameters (the caller has
+    already counted the step in `steps`)."""
+    beta1, beta2 = group["betas"]
+    kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+    kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=float(beta1),
+           beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+           grad_scale=None, found_inf=None)
+
+
+def direct_step(optimizer: torch.optim.Optimizer):
+    """A function doing `optimizer.step()`. For fused Adam/AdamW whose state exists (after its first step) it calls
+    the fused kernel directly on cached lists of the parameters and their state, which skips the step's per-call
+    Python bookkeeping: about 0.2 ms, a sixth of a default training step on the CPU. The optimizer still owns the
+    state (state_dict, checkpoints), and the learning rate and betas a schedule writes into param_groups are read
+    at every step, so the updates are exactly those of optimizer.step()."""
+    if not fusable(optimizer):
+        return optimizer.step
+    group = optimizer.param_groups[0]
+    params = group["params"]
+    states = [optimizer.state.get(p) for p in params]
+    if not all(states):
+        return optimizer.step  # no state yet: torch's own first step creates it
+    detached = [p.detach() for p in params]
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    # Every parameter's step counter becomes a view into one tensor, so one add_ counts a step for all of them
+    # (_foreach_add_ over a dozen scalars costs as much as a layer's matrix product here).
+    counts = torch.stack([s["step"] for s in states])
+    for k, s in enumerate(states):
+        s["step"] = counts[k]
+    steps = [s["step"] for s in states]
+
+    def step() -> None:
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            return optimizer.step()
+        counts.add_(1)
+        fused_adam_(detached, grads, exp_avgs, exp_avg_sqs, steps, group)
+
+    return step
+
+
 def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
     """Write a cycled momentum: SGD's `momentum`, or beta1 for the Adam family (as PyTorch's OneCycleLR does)."""
     for group in optimizer.param_groups:

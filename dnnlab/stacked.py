@@ -54,7 +54,7 @@ from torch import nn
 from dnnlab import checkpoint, validate
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
-from dnnlab.optim import build_optimizer, set_momentum
+from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.train import EarlyStopping, evaluate, pick_device, restrict, seed_everything
@@ -422,9 +422,6 @@ class _Dropout:
         return h * noise
 
 
-_FUSED_ADAM = (torch.optim.Adam,)  # AdamW subclasses Adam
-
-
 class _Stepper:
     """Each job's own optimizer (`build_optimizer`, its config) over its slices of the stack.
 
@@ -450,17 +447,11 @@ class _Stepper:
                 opt.load_state_dict(carry[k].state_dict())
             new.append(opt)
         self.optimizers = new
-        self.slab = None if all(self._fusable(opt) for opt in new) else False
+        self.slab = None if all(fusable(opt) for opt in new) else False
         self.runs: dict[tuple[int, int], list] = {}
 
     def keep(self, positions, jobs, stack):
         self.build(jobs, stack, carry=[self.optimizers[k] for k in positions])
-
-    @staticmethod
-    def _fusable(opt) -> bool:
-        group = opt.param_groups[0]
-        return (isinstance(opt, _FUSED_ADAM) and len(opt.param_groups) == 1 and bool(group.get("fused"))
-                and not group.get("amsgrad") and not group.get("capturable") and not group.get("differentiable"))
 
     def _stack_state(self):
         """The optimizers' moment estimates as stacked tensors (each optimizer keeps views of its slices), and
@@ -502,13 +493,7 @@ class _Stepper:
             if tensors is None:  # the slices of this run of jobs, kept until the stack changes
                 tensors = self.runs[a, b] = [[t[a:b] for t in ts] if (a, b) != (0, n) else ts for ts in (
                     self.stacked_params, self.stacked_grads, exp_avgs, exp_avg_sqs)]
-            group = groups[a]
-            beta1, beta2 = group["betas"]
-            kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
-            kernel(*tensors, [], steps,
-                   amsgrad=False, lr=group["lr"], beta1=float(beta1), beta2=float(beta2),
-                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                   grad_scale=None, found_inf=None)
+            fused_adam_(*tensors, steps, groups[a])
             a = b
 
     def state_dict(self, k: int, kernels: set[int]) -> dict:

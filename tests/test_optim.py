@@ -9,7 +9,7 @@ from torch import nn
 from dnnlab import CONF_DIR
 from dnnlab.ftrl import Ftrl
 from dnnlab.model import build_mlp
-from dnnlab.optim import GradientRules, build_optimizer
+from dnnlab.optim import GradientRules, build_optimizer, direct_step
 
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
 CPU = torch.device("cpu")
@@ -314,3 +314,40 @@ def test_regularizer_list_combines_max_norm_and_l1(make_cfg):
     cfg = make_cfg("regularizer=[l1,max_norm]", *SMALL)
     rules = GradientRules(small_model(cfg), cfg.regularizer, cfg.optimizer)
     assert rules.l1 == 0.01 and rules.max_norm == 1.0
+
+
+# --- direct_step: the fused kernel without optimizer.step()'s bookkeeping ----------------------------------------
+
+@pytest.mark.parametrize("target,kwargs", [("torch.optim.Adam", {}), ("torch.optim.Adam", {"weight_decay": 0.01}),
+                                           ("torch.optim.AdamW", {"weight_decay": 0.01})])
+def test_direct_step_updates_exactly_as_optimizer_step(target, kwargs):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"_target_": target, "_partial_": True, "lr": 0.01, "eps": 1e-7, "fused": True,
+                            "clip_value": None, "clip_norm": None, **kwargs})
+    torch.manual_seed(0)
+    a = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_a, opt_b = (build_optimizer(cfg, ps, torch.device("cpu")) for ps in (a, b))
+    assert direct_step(opt_a) == opt_a.step  # no state yet: torch's own step
+    for k in range(6):
+        grads = [torch.randn_like(p) for p in a]
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        for opt in (opt_a, opt_b):  # what schedules and momentum cycling write between steps
+            opt.param_groups[0]["lr"] = 0.01 / (k + 1)
+            opt.param_groups[0]["betas"] = (0.9 - 0.01 * k, 0.999)
+        direct_step(opt_a)()
+        opt_b.step()
+        assert all(torch.equal(pa, pb) for pa, pb in zip(a, b)), k
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_direct_step_leaves_other_optimizers_alone():
+    p = torch.zeros(3, requires_grad=True)
+    for opt in (torch.optim.SGD([p], lr=0.1), torch.optim.Adam([p], foreach=True), torch.optim.Adam([p], fused=True,
+                                                                                                      amsgrad=True)):
+        p.grad = torch.ones(3)
+        opt.step()
+        assert direct_step(opt) == opt.step

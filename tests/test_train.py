@@ -220,3 +220,33 @@ def test_environment_records_the_command_and_versions(make_cfg, tmp_path):
     assert env["argv"] == sys.orig_argv and env["python"] == sys.version.split()[0]
     assert env["git_commit"] is None or len(env["git_commit"]) == 40
     assert {"platform", "cpu_count", "torch_threads", "device", "packages"} <= set(env)
+
+
+@pytest.mark.parametrize("overrides", [[], ["norm=batchnorm", "regularizer=dropout", "norm.input=true"],
+                                       ["activation=prelu", "norm=layernorm"]])
+def test_flat_forward_computes_what_the_network_does(make_cfg, overrides):
+    from dnnlab.model import flat_forward
+
+    model = build_mlp(make_cfg(*overrides), 10)
+    model.train()
+    x = torch.rand(16, 784)
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)  # the same dropout masks
+    torch.testing.assert_close(flat_forward(model)(x), expected, rtol=0, atol=0)
+
+
+def test_flat_forward_is_refused_where_it_would_skip_something(make_cfg):
+    from dnnlab.model import flat_forward
+
+    model = build_mlp(make_cfg(), 10)
+    handle = model.hidden2[1].register_forward_hook(lambda *_: None)
+    assert flat_forward(model) is None  # a hook (dnnlab's diagnostics) would not run
+    handle.remove()
+    assert flat_forward(model) is not None
+
+    class Residual(torch.nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    assert flat_forward(torch.nn.Sequential(Residual(torch.nn.Linear(4, 4)))) is None
