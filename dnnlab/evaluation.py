@@ -226,6 +226,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
     parser.add_argument("--data-root", help="where the dataset is, if not where the run found it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    # key=value as `dnnlab train` takes it works too: `dnnlab eval RUN mc_samples=100` is --mc-samples 100
+    options = {a.dest for a in parser._actions if a.option_strings}
+    argv = [f"--{a.split('=', 1)[0].replace('_', '-')}={a.split('=', 1)[1]}"
+            if "=" in a and not a.startswith("-") and a.split("=", 1)[0] in options else a for a in argv]
     args = parser.parse_args(argv)
     try:
         evaluate_run(args.run, args.out, args.split, args.mc_samples, args.seed, args.top, args.data_root,

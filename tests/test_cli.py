@@ -174,3 +174,17 @@ def test_data_prints_the_folder(dnnlab, data_root):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.name='emnist'" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_diagnose_and_lr_find_run_as_commands(dnnlab, tmp_path):
+    result = dnnlab("diagnose", "diagnose.steps=8", "diagnose.every=4", "diagnose.probe_size=64",
+                    "data.val_size=100", f"hydra.run.dir={tmp_path / 'diag'}", launcher="script")
+    assert result.returncode == 0, result.stderr
+    for name in ("activations.png", "gradients.png", "profile.png", "steps.png", "profile.csv", "diagnose.json"):
+        assert (tmp_path / "diag" / name).is_file(), name
+    result = dnnlab("lr-find", "lr_find.steps=12", "data.val_size=100", f"hydra.run.dir={tmp_path / 'lr'}")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert found["status"] == "completed" and found["suggested_lr"] > 0 and (tmp_path / "lr" / "lr_find.png").is_file()
+    result = dnnlab("lr-find", "lr_find.steps=0", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert result.returncode == 2 and result.stderr.startswith("error: lr_find.steps=0"), result.stderr

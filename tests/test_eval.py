@@ -111,6 +111,13 @@ def test_mc_dropout_samples_differ_and_report_uncertainty(trained, tmp_path):
     assert again["mc"]["accuracy"] == mc["accuracy"] and again["mc"]["mean_std"] == mc["mean_std"]  # seeded
 
 
+def test_eval_takes_mc_samples_as_a_key_too(trained, tmp_path):
+    run = trained("regularizer=dropout", "regularizer.dropout.rate=0.3")
+    eval_main([str(run), "mc_samples=4", f"out={tmp_path}"])  # as `dnnlab train` overrides are written
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["mc"]["samples"] == 4
+
+
 def test_mc_alpha_dropout_keeps_batchnorm_in_inference_mode(trained):
     run = trained("activation=selu", "init=lecun_normal", "regularizer=alpha_dropout", "norm=batchnorm")
     net = load_trained(run, with_data=False).model

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnlab import CONF_DIR
+from dnnlab import CONF_DIR, checkpoint
 from dnnlab.ftrl import Ftrl
 from dnnlab.model import build_mlp
 from dnnlab.optim import GradientRules, build_optimizer, direct_step
@@ -169,6 +169,15 @@ def test_max_norm_caps_every_hidden_neurons_incoming_weights(make_cfg):
         torch.testing.assert_close(norms[~short], torch.ones(int((~short).sum())), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.weight[~short], w0[~short] / norms0[~short, None], rtol=1e-5, atol=1e-6)
     assert torch.equal(out.weight, out_before)
+
+
+def test_max_norm_holds_after_real_training_steps(make_cfg, tmp_path):
+    from dnnlab.train import train
+
+    train(make_cfg("regularizer=max_norm", "regularizer.max_norm=0.5", "optimizer.lr=0.01"), tmp_path)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"]
+    hidden = [v for k, v in state.items() if k.startswith("hidden") and k.endswith("0.weight")]
+    assert len(hidden) == 5 and all(torch.all(w.norm(dim=1) <= 0.5 + 1e-5) for w in hidden)
 
 
 def test_max_norm_radius_is_configurable_and_off_by_default(make_cfg):
