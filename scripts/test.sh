@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-.venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist): most tests train on one thread, so both cores of a 2-core machine are used.
+.venv/bin/python -m pytest -n "${DNNLAB_TEST_WORKERS:-2}" "$@"

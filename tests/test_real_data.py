@@ -75,3 +75,16 @@ def test_the_chapter_stories_show_on_real_data(tmp_path):
     dead_relu = diagnose_real(tmp_path, *hot, "activation=relu")["after"]
     leaky = diagnose_real(tmp_path, *hot, "activation=leaky_relu")["after"]
     assert max(r["dead"] for r in dead_relu) > 0.5 and max(r["dead"] for r in leaky) == 0
+
+
+def test_the_quick_reproduction_runs_every_experiment(tmp_path):
+    """`dnnlab reproduce --quick` as CI runs it: every row of the chapter's table, on the real data (about 75 s)."""
+    import csv
+
+    from dnnlab.reproduce import ROWS, main
+
+    main(["--quick", "--out", str(tmp_path), "-o", f"data.root={SHARED_DATA}"])
+    rows = {r["experiment"]: r for r in csv.DictReader(open(tmp_path / "REPRODUCTION.csv"))}
+    assert list(rows) == [row.name for row in ROWS]
+    assert all(r["dnnlab"] and r["verdict"] for r in rows.values())
+    assert (tmp_path / "reproduction.png").read_bytes()[:4] == b"\x89PNG"

@@ -85,7 +85,7 @@ def fake_run(folder: Path, overrides: list[str] | None, val_acc: list[float] = (
 def test_a_finished_sweep_one_row_per_run_sorted_by_val_acc(sweep, tmp_path, capsys):
     out = tmp_path / "report"
     main([str(sweep), "--out", str(out)])
-    printed = capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines at the terminal's width
     assert f"dnnlab report {sweep}: 4 runs (4 completed)" in printed
 
     rows = read_csv(out / "report.csv")
