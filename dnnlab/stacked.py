@@ -775,8 +775,9 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
         "threads": threads, "seed": t.seed, "classes": list(data.classes),
         "n_train": len(data.x_train), "n_val": len(data.x_val), "n_test": len(data.x_test),
         "data_source": data.source, "steps": job.steps_done,
-        "phases": [{"phase": "train", "lr": job.cfg.optimizer.lr, "first_epoch": 1, "epochs": len(rows)}],
-        "resumed": False, "stacked": {"jobs": n_jobs, "position": job.index},
+        "phases": [{"phase": "train", "lr": job.cfg.optimizer.lr, "first_epoch": 1, "epochs": len(rows),
+                    "training_step": "stacked"}],
+        "resumed": False, "training_step": "stacked", "stacked": {"jobs": n_jobs, "position": job.index},
     }
     write_json(job.run_dir / "summary.json", summary)
     if rows:

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, checkpoint, hydra_files, transfer, validate
+from dnnlab import CONF_DIR, checkpoint, hydra_files, native, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
@@ -132,15 +132,16 @@ class Interrupted(Exception):
 
 
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
-                autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0
-                ) -> tuple[float, float, int, float]:
+                autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0,
+                native_plan: native.Plan | None = None) -> tuple[float, float, int, float]:
     """One pass over the training split in a seeded random order: (mean loss, accuracy, phase step, last lr).
     Loss and accuracy accumulate on the device. On the CPU every step checks that the loss is finite (it costs
     nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it: a count
     of finite losses, kept on the device, then tells the step where the loss stopped being finite (non-finite
     weights keep it so).
     `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
-    records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first)."""
+    records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first);
+    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass done in one C++ call."""
     device = x_all.device
     check_every_step = device.type == "cpu"
     if position is None:
@@ -155,35 +156,40 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
     first_step = step - position["i"]
     net.train()
+    native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct) if native_plan else None
     for i in range(position["i"], steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
-        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
         lr, momentum = schedule.lr(step), schedule.momentum(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if momentum is not None:
             set_momentum(optimizer, momentum)
-        if diag:
-            diag.begin(offset + step)
-        with autocast:
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call profiler bookkeeping
-            p.grad = None
-        loss.backward()
-        if diag:
-            diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
+        if native_step:  # forward, loss, backward into the parameters' .grad, and the sums, in one C++ call
+            loss = native_step(idx)
+        else:
+            x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
+            if diag:
+                diag.begin(offset + step)
+            with autocast:
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+            for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call profiler bookkeeping
+                p.grad = None
+            loss.backward()
+            if diag:
+                diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
+            loss = loss.detach()
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
         rules.before_step()
         optimizer_step()
         rules.after_step()
         if diag:
             diag.after_step(offset + step)  # the update includes max-norm's rescaling
         step += 1
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        if check_every_step:
-            if not torch.isfinite(loss_sum):
-                raise Diverged(f"step {step}: loss is {loss.item()}")
+        if check_every_step:  # the native step returns the loss as a float: no tensor to test
+            if not (math.isfinite(loss) if native_step else torch.isfinite(loss_sum)):
+                raise Diverged(f"step {step}: loss is {float(loss)}")
         else:
             finite += torch.isfinite(loss)
         if i % 50 == 0:
@@ -286,10 +292,19 @@ def prepare(cfg: DictConfig, parallel_jobs: int = 1) -> tuple[torch.device, Spli
     return device, data, build_mlp(cfg, data.n_classes).to(device)
 
 
+def native_plan(cfg: DictConfig, net: torch.nn.Module, device: torch.device) -> native.Plan | None:
+    """How `trainer.native` has `net` trained: the C++ step's plan, or None for autograd."""
+    t = cfg.trainer
+    needs_autograd = [key for key, on in (("diagnostics=on", cfg.diagnostics.enabled), ("trainer.compile", t.compile),
+                                          ("trainer.precision=bf16", t.precision == "bf16")) if on]
+    return native.choose(t.native, net, device, needs_autograd)
+
+
 def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
+    native_plan(cfg, model, device)  # trainer.native=true where it cannot be: refused before anything is written
     if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
@@ -351,6 +366,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             else:
                 net = model
             train_net = Compiled(net, device) if t.compile else net
+            step_plan = native_plan(cfg, net, device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
             rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
@@ -369,7 +385,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     try:
                         train_loss, train_acc, phase_step, lr = train_epoch(
                             train_net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule,
-                            phase_step, generator, autocast, progress, stop, position, diag, step)
+                            phase_step, generator, autocast, progress, stop, position, diag, step, step_plan)
                     except Interrupted as e:
                         phase_step = e.position["step"]
                         save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})
@@ -399,6 +415,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                 status, reason = "pruned", str(e)
             step += phase_step
             phase_log[-1]["epochs"] = len(rows) + 1 - phase_log[-1]["first_epoch"]
+            phase_log[-1]["training_step"] = "native" if step_plan else "autograd"
             if status != "completed":
                 break
     recorder.close()
@@ -421,6 +438,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
         "threads": torch.get_num_threads(), "seed": t.seed, "classes": list(data.classes),
         "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
         "steps": step, "phases": phase_log, "resumed": resume is not None,
+        "training_step": " then ".join(dict.fromkeys(p.get("training_step", "autograd") for p in phase_log)),
     }
     if reused:
         summary["transfer"] = {**reused, "cache_seconds": cache_seconds}

@@ -146,6 +146,7 @@ RULES = {
     "trainer.resume": BOOL,
     "trainer.precision": (one_of("fp32", "bf16"), "fp32 or bf16"),
     "trainer.compile": BOOL,
+    "trainer.native": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "trainer.early_stopping.monitor": (one_of(None, "val_loss", "val_acc"), "val_loss, val_acc or null (off)"),
     "trainer.early_stopping.patience": (int_min(0), "an integer >= 0"),
     "trainer.early_stopping.restore_best_weights": BOOL,

@@ -10,3 +10,6 @@ command -v "$python" >/dev/null || python=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+# Build the native training step now rather than in the first run (about 10 s; without a C++ compiler, training
+# takes the autograd path and this says why).
+.venv/bin/python -m dnnlab.native || true

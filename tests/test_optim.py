@@ -338,7 +338,7 @@ def test_direct_step_updates_exactly_as_optimizer_step(target, kwargs):
     a = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
     b = [p.detach().clone().requires_grad_() for p in a]
     opt_a, opt_b = (build_optimizer(cfg, ps, torch.device("cpu")) for ps in (a, b))
-    assert direct_step(opt_a) == opt_a.step  # no state yet: torch's own step
+    step_a = direct_step(opt_a)  # its first call is torch's own step, which creates the state
     for k in range(6):
         grads = [torch.randn_like(p) for p in a]
         for pa, pb, g in zip(a, b, grads):
@@ -346,7 +346,7 @@ def test_direct_step_updates_exactly_as_optimizer_step(target, kwargs):
         for opt in (opt_a, opt_b):  # what schedules and momentum cycling write between steps
             opt.param_groups[0]["lr"] = 0.01 / (k + 1)
             opt.param_groups[0]["betas"] = (0.9 - 0.01 * k, 0.999)
-        direct_step(opt_a)()
+        step_a()
         opt_b.step()
         assert all(torch.equal(pa, pb) for pa, pb in zip(a, b)), k
     sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
@@ -360,3 +360,15 @@ def test_direct_step_leaves_other_optimizers_alone():
         p.grad = torch.ones(3)
         opt.step()
         assert direct_step(opt) == opt.step
+
+
+def test_direct_step_takes_over_from_the_second_step():
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([p], fused=True)
+    calls, torch_step = [], opt.step
+    opt.step = lambda: calls.append(1) or torch_step()
+    step = direct_step(opt)
+    for _ in range(5):
+        p.grad = torch.ones(3)
+        step()
+    assert len(calls) == 1 and opt.state[p]["step"].item() == 5

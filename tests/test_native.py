@@ -1,0 +1,197 @@
+"""The native (C++) training step: the same gradients, losses and dropout masks as autograd, the networks it takes
+and refuses, training through it end to end, and what happens where it cannot be built."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnnlab import native
+from dnnlab.errors import DnnlabError
+from dnnlab.model import build_mlp
+from dnnlab.train import train
+from dnnlab.transfer import Frozen
+
+pytestmark = pytest.mark.skipif(native.available() != "", reason=f"native step unavailable: {native.available()}")
+
+ACTIVATIONS = {
+    "elu": lambda: nn.ELU(0.7), "selu": nn.SELU, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
+    "silu": nn.SiLU, "mish": nn.Mish, "softplus": lambda: nn.Softplus(2.0, 10.0)}
+
+
+def mlp(act=nn.ELU, dropout: float = 0.0, input_dropout: float = 0.0, widths=(784, 40, 30, 7), seed: int = 0):
+    """dnnlab's block layout: input (Flatten [, Dropout]), hiddenN (Linear, act [, Dropout]), output Linear."""
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(nn.Flatten(), *([nn.Dropout(input_dropout)] if input_dropout else []))]
+    for n_in, n_out in zip(widths[:-2], widths[1:-1]):
+        blocks.append(nn.Sequential(nn.Linear(n_in, n_out), act(), *([nn.Dropout(dropout)] if dropout else [])))
+    blocks.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*blocks)
+
+
+def data(n=300, classes=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 784, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def autograd_step(net, x, y):
+    for p in net.parameters():
+        p.grad = None
+    logits = net(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return loss.item(), int((logits.argmax(1) == y).sum())
+
+
+def assert_same_grads(a: nn.Module, b: nn.Module, rtol=1e-5):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        scale = pa.grad.abs().max().item() + 1e-12
+        assert (pa.grad - pb.grad).abs().max().item() <= rtol * scale, name
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_step_computes_what_autograd_computes(name, dropout):
+    x_all, y_all = data()
+    ref, net = (mlp(ACTIVATIONS[name], dropout, dropout / 2) for _ in range(2))
+    plan, why = native.plan(net)
+    assert plan and not why
+    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    step = native.NativeStep(plan, x_all, y_all, loss_sum, correct)
+    expected_sum, expected_hits = 0.0, 0
+    for k in range(3):
+        idx = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(k))[:32]
+        torch.manual_seed(10 + k)  # dropout draws from the global generator: the same masks in both
+        loss, hits = autograd_step(ref, x_all[idx], y_all[idx])
+        torch.manual_seed(10 + k)
+        assert step(idx) == pytest.approx(loss, rel=1e-6)
+        assert_same_grads(ref, net)
+        expected_sum, expected_hits = expected_sum + loss * 32, expected_hits + hits
+    assert loss_sum.item() == pytest.approx(expected_sum, rel=1e-6) and correct.item() == expected_hits
+
+
+def test_plan_reads_dnnlabs_networks(make_cfg):
+    model = build_mlp(make_cfg("regularizer=dropout", "regularizer.dropout.input=true", "activation=selu"), 10)
+    plan, why = native.plan(model)
+    assert not why and plan.activation == "elu" and plan.act_args == [*native.SELU, 1.0]
+    assert plan.dropout == [0.2] * 6 and plan.first_trainable == 0 and len(plan.linears) == 6
+    model.eval()  # dropout off in inference mode: no rates
+    assert native.plan(model)[0].dropout == [0.0] * 6
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (["norm=batchnorm"], "BatchNorm1d"), (["norm=layernorm"], "LayerNorm"), (["activation=prelu"], "PReLU"),
+    (["activation=rrelu"], "RReLU"), (["regularizer=alpha_dropout"], "AlphaDropout")])
+def test_plan_refuses_what_it_does_not_implement(make_cfg, overrides, why):
+    plan, reason = native.plan(build_mlp(make_cfg(*overrides), 10))
+    assert plan is None and why in reason
+
+
+def test_plan_refuses_hooks_frozen_tops_mixed_activations_and_other_dtypes():
+    net = mlp()
+    net[1].register_forward_hook(lambda *a: None)
+    assert native.plan(net) == (None, "a module has hooks")
+    net = mlp()
+    net[-1].requires_grad_(False)
+    assert native.plan(net)[1] == "frozen layers above trainable ones"
+    net = mlp()
+    net[2][1] = nn.ReLU()
+    assert native.plan(net)[1] == "different activations in different layers"
+    assert native.plan(mlp().double())[1] == "parameters are not float32 on the CPU"
+    assert native.plan(nn.Sequential(nn.Linear(4, 4, bias=False)))[1] == "a Linear layer without bias"
+    assert native.plan(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))[0] is None
+
+
+def test_frozen_bottom_layers_get_no_gradient_and_no_backward_pass():
+    x_all, y_all = data()
+    ref, net = mlp(widths=(784, 20, 20, 20, 7)), mlp(widths=(784, 20, 20, 20, 7))
+    for m in (ref, net):
+        m[1] = Frozen(m[1])
+        m[2] = Frozen(m[2])
+    plan, why = native.plan(net)
+    assert not why and plan.first_trainable == 2
+    native.NativeStep(plan, x_all, y_all, torch.zeros(()), torch.zeros((), dtype=torch.long))(torch.arange(32))
+    autograd_step(ref, x_all[:32], y_all[:32])
+    assert net[1][0].weight.grad is None and net[2][0].bias.grad is None
+    assert_same_grads(ref, net)
+
+
+def test_choose_explains_and_refuses(make_cfg):
+    model = build_mlp(make_cfg(), 10)
+    cpu = torch.device("cpu")
+    assert native.choose("auto", model, cpu, []) is not None
+    assert native.choose(False, model, cpu, []) is None
+    assert native.choose("auto", model, cpu, ["trainer.compile"]) is None
+    with pytest.raises(DnnlabError, match=r"trainer.native=true is not possible here: trainer.compile"):
+        native.choose(True, model, cpu, ["trainer.compile"])
+    with pytest.raises(DnnlabError, match="BatchNorm1d"):
+        native.choose(True, build_mlp(make_cfg("norm=batchnorm"), 10), cpu, [])
+
+
+def rows(run_dir):
+    return [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("overrides", [[], ["regularizer=dropout", "optimizer=nesterov", "schedule=1cycle"],
+                                       ["regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0"]])
+def test_training_natively_matches_autograd(make_cfg, tmp_path, overrides):
+    fast = train(make_cfg(*overrides), tmp_path / "native")
+    slow = train(make_cfg(*overrides, "trainer.native=false"), tmp_path / "autograd")
+    assert fast["training_step"] == "native" and slow["training_step"] == "autograd"
+    for a, b in zip(rows(tmp_path / "native"), rows(tmp_path / "autograd"), strict=True):
+        for column in (1, 2, 3, 4):  # train_loss, train_acc, val_loss, val_acc
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4, abs=1e-5)
+    assert fast["test_acc"] == pytest.approx(slow["test_acc"], abs=1e-3)
+
+
+def test_native_training_is_reproducible(make_cfg, tmp_path):
+    train(make_cfg("regularizer=dropout"), tmp_path / "a")
+    train(make_cfg("regularizer=dropout"), tmp_path / "b")
+    assert [r[:6] for r in rows(tmp_path / "a")] == [r[:6] for r in rows(tmp_path / "b")]
+
+
+def test_settings_that_need_autograd_fall_back_or_are_refused(make_cfg, tmp_path):
+    assert train(make_cfg("norm=batchnorm"), tmp_path / "bn")["training_step"] == "autograd"
+    assert train(make_cfg("diagnostics=on"), tmp_path / "diag")["training_step"] == "autograd"
+    with pytest.raises(DnnlabError, match="diagnostics=on"):
+        train(make_cfg("diagnostics=on", "trainer.native=true"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+
+def test_cached_transfer_trains_natively(make_cfg, tmp_path):
+    train(make_cfg("data.classes=[0,1,2,3,4]"), tmp_path / "source")
+    summary = train(make_cfg("data.classes=[5,6,7,8,9]", "transfer=reuse",
+                             f"transfer.source={tmp_path / 'source'}"), tmp_path / "target")
+    assert summary["status"] == "completed" and summary["training_step"] == "native"
+
+
+def test_a_failed_build_leaves_the_autograd_path(tmp_path, data_root):
+    """No working compiler: available() says why, auto trains with autograd, true is a one-line refusal."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
+    code = ("from dnnlab import native; import torch; r = native.available(); print(r); "
+            "print(native.choose('auto', torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.device('cpu'), []))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reason, chosen = done.stdout.splitlines()[-2:]
+    assert reason.startswith("it could not be built") and chosen == "None"
+    cli = subprocess.run([sys.executable, "-m", "dnnlab", "train", f"data.root={data_root}", "data.val_size=100", "trainer.native=true",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "trainer.native=true is not possible here: it could not be built" in cli.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_summary_records_the_step(make_cfg, tmp_path):
+    train(make_cfg(), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["training_step"] == "native" and summary["phases"][0]["training_step"] == "native"
