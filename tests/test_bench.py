@@ -31,6 +31,10 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
     assert speed["dnnlab"]["x dnnlab"] == 1.0
     assert report["speed"]["n_train"] == report["speed"]["results"]["dnnlab"][0]["n_train"] == 245
     assert "keras" in report["speed"]["notes"]  # skipped, with the reason
+    rates = report["speed"]["matmul_gflops_measured"]  # at the start (all cores, one) and after the one round
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    assert report["speed"]["floor_seconds"] == pytest.approx(report["speed"]["flops_per_epoch"] / (max(rates) * 1e9),
+                                                             rel=0.01)
     stacked = report["stacked"]["rows"]
     assert [r["jobs"] for r in stacked] == [1, 2] and stacked[1]["note"].startswith("2 jobs in one stack")
     transfer = report["transfer"]["rows"]

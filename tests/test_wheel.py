@@ -77,6 +77,7 @@ def test_wheel_ships_the_configs(wheel):
                   "debug"):
         assert any(n.startswith(f"dnnlab/conf/{group}/") for n in names), group
     assert "dnnlab/__main__.py" in names and "dnnlab/cli.py" in names
+    assert "dnnlab/csrc/mlp_step.cpp" in names  # the native step's source, compiled where the wheel runs
     plugin = {f"hydra_plugins/dnnlab_optuna_sweeper/{m}.py"
               for m in ("__init__", "config", "optuna_sweeper", "_sweep", "_space")}
     assert plugin <= names and "dnnlab/trial.py" in names, sorted(plugin - names)
@@ -112,7 +113,7 @@ def test_installed_wheel_trains_from_outside_the_repository(venv, outside, data_
                  cwd=outside, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and summary["training_step"] == "native"
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
     hydra_cfg = (run_dir / ".hydra" / "hydra.yaml").read_text()
     assert str(Path(dnnlab_file).parent / "conf") in hydra_cfg  # composed from the wheel's configs
