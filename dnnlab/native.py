@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +108,13 @@ def plan(net: nn.Module) -> tuple[Plan | None, str]:
 
 
 def build_directory() -> Path:
-    """Where the compiled library is kept: per torch version and source, under torch's extension cache."""
+    """Where the compiled library is kept: per torch version and source, under torch's extension cache
+    ($TORCH_EXTENSIONS_DIR, as torch itself reads it, else torch's default)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return Path(get_default_build_root()) / f"dnnlab_native_{digest}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"dnnlab_native_{digest}"
 
 
 @functools.cache

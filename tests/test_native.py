@@ -184,6 +184,8 @@ def test_a_failed_build_leaves_the_autograd_path(tmp_path, data_root):
     assert done.returncode == 0, done.stderr
     reason, chosen = done.stdout.splitlines()[-2:]
     assert reason.startswith("it could not be built") and chosen == "None"
+    assert native.build_directory().parent != tmp_path / "cache"  # the failed build stayed out of the real cache
+    assert list((tmp_path / "cache").glob("dnnlab_native_*"))
     cli = subprocess.run([sys.executable, "-m", "dnnlab", "train", f"data.root={data_root}", "data.val_size=100", "trainer.native=true",
                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
