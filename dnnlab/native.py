@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dnnlab.errors import DnnlabError
 from dnnlab.transfer import Frozen
 
 log = logging.getLogger("dnnlab")
@@ -169,8 +170,6 @@ def choose(setting, net: nn.Module, device: torch.device, reasons_off: list[str]
     """The plan for `trainer.native` (auto, true or false), or None for the autograd path. `reasons_off` are the
     run's settings that need autograd (diagnostics, compile, bf16). With true, anything that rules the C++ step
     out is an error."""
-    from dnnlab.errors import DnnlabError
-
     if setting is False:
         return None
     why = ", ".join(reasons_off) if reasons_off else ("it runs on the CPU only" if device.type != "cpu" else "")

@@ -52,6 +52,8 @@ CATALOGUE = [  # (overrides, what the line must contain)
     ("data.standardize=zscore", "data.standardize='zscore'"),
     ("trainer.precision=fp8", "trainer.precision='fp8'"),
     ("trainer.device=tpu", "trainer.device='tpu'"),
+    ("trainer.native=maybe", "trainer.native='maybe' is not allowed: auto, true or false"),
+    ("norm=batchnorm trainer.native=true", "trainer.native=true is not possible here: BatchNorm1d layers"),
     ("trainer.early_stopping.monitor=accuracy", "trainer.early_stopping.monitor='accuracy'"),
     # contradictory settings
     ("regularizer=[dropout,alpha_dropout]", "choose dropout or alpha_dropout, not both"),
