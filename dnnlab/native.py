@@ -26,6 +26,8 @@ from dnnlab.transfer import Frozen
 log = logging.getLogger("dnnlab")
 
 SOURCE = Path(__file__).parent / "csrc" / "mlp_step.cpp"
+# -fopenmp: at::parallel_for (the stacked step) is inlined into this library; torch's own libgomp serves it at run time
+CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
 STALE_LOCK_SECONDS = 600  # a build lock this old was left by a killed build (torch would wait for it forever)
 SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # torch's alpha and scale
 
@@ -113,7 +115,8 @@ def build_directory() -> Path:
     ($TORCH_EXTENSIONS_DIR, as torch itself reads it, else torch's default)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + repr(CFLAGS + LDFLAGS).encode())
+    digest = digest.hexdigest()[:12]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return Path(root) / f"dnnlab_native_{digest}"
 
@@ -136,7 +139,7 @@ def available() -> str:
     if not built:
         log.info("building dnnlab's native training step (once per machine and torch version, about 10 s)")
     try:
-        load("dnnlab_native", [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder),
+        load("dnnlab_native", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(folder),
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the autograd path still trains
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -2,9 +2,9 @@
 
 A sweep over learning rates, seeds, initialisations, optimizers, schedules, L1/L2/max-norm strengths, dropout
 rates or early-stopping settings leaves every weight matrix the same shape. Here the J jobs of such a group keep
-their weights stacked, layer by layer, in tensors of shape (J, fan_in, fan_out), and one batched matrix product
-(`torch.baddbmm`) runs all J networks at once: J mini-batches in, J sets of logits out, one backward pass. What
-differs per job stays per job:
+their weights stacked, layer by layer, in tensors of shape (J, fan_in, fan_out), and one training step runs all J
+networks at once: J mini-batches in, J sets of logits out, one backward pass (see "The step" below). What differs
+per job stays per job:
 
 - initialisation: `torch.manual_seed(seed)` then `build_mlp(cfg)` for each job, exactly as `dnnlab train` does, so
   every job starts from the weights it would have alone (its init group, scale and seed);
@@ -30,10 +30,16 @@ Jobs that cannot be stacked (batch or layer norm, PReLU/RReLU, alpha dropout, tr
 diagnostics, resuming, a different network shape, data or batch size) are told apart by `plan()`; the
 `hydra/launcher=stacked` launcher runs them one at a time through the normal trainer.
 
-Threads: a stack's products are J times larger than one job's, so `trainer.threads=auto` uses every core from
-J x batch x widest layer > 8192 on, and then checks that choice against one thread at the start of every epoch
-(_ThreadTuner): on a machine where another program keeps a core busy, one thread is much faster. On CUDA the losses
-and accuracies stay on the device and the host reads them once per epoch.
+The step: on the CPU, every job's forward pass, loss and backward pass run in one C++ call (dnnlab::stack_step, see
+dnnlab/native.py), which spreads the jobs over the threads, each job on one thread with the kernels a single job
+uses; elsewhere (CUDA, bf16, trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per
+layer runs all J networks at once under autograd.
+
+Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
+J x batch x widest layer > 8192 on. With the C++ step, whose numbers do not depend on the thread count (tested), it
+then checks that choice against one thread at the start of every epoch (_ThreadTuner): on a machine where another
+program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the device and the
+host reads them once per epoch.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ from dnnlab.model import build_mlp, dropout_spec, widths
 from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.train import EarlyStopping, evaluate, pick_device, restrict, seed_everything
+from dnnlab.train import EarlyStopping, evaluate, native_plan, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805  # torch.nn.SELU's (Klambauer et al.)
@@ -145,7 +151,8 @@ class _ThreadTuner:
     what else the machine runs: a second thread that must wait for a core busy with another program makes every
     step many times slower. So every epoch starts with a few steps on all cores and a few on one and keeps the
     faster, and while on all cores it falls back to one as soon as the recent steps take much longer than the
-    one-thread steps did. The metrics do not depend on the thread count (tested); the summary records the last."""
+    one-thread steps did. Used with the C++ step only, whose metrics do not depend on the thread count (tested);
+    the log records each epoch's choice."""
 
     def __init__(self, many: int, steps_per_epoch: int, probe: int = 8, skip: int = 2, window: int = 10):
         self.many, self.probe, self.skip, self.window = many, probe, skip, window
@@ -161,6 +168,11 @@ class _ThreadTuner:
         if threads != self.current:
             torch.set_num_threads(threads)
             self.current = threads
+
+    def settle(self) -> None:
+        """All cores again, for what must not depend on the machine's load: evaluation, whose batched products
+        round by thread count."""
+        self._use(self.many)
 
     def before(self, i: int) -> None:
         if not self.enabled:
@@ -248,8 +260,8 @@ class Job:
 class Stack:
     """The stacked weights of the active jobs and the batched forward pass."""
 
-    def __init__(self, jobs: list[Job], models: list[nn.Sequential], act, device):
-        self.act, self.device = act, device
+    def __init__(self, jobs: list[Job], models: list[nn.Sequential], act, device, kernel=None):
+        self.act, self.device, self.kernel = act, device, kernel  # kernel: the C++ step's (activation, args)
         linears = [[m for m in model.modules() if isinstance(m, nn.Linear)] for model in models]
         names = [name for name, m in models[0].named_modules() if isinstance(m, nn.Linear)]
         self.keys = [(f"{n}.weight", f"{n}.bias") for n in names]  # the job's own state_dict keys
@@ -266,6 +278,7 @@ class Stack:
         """Gradients (written by _Layer's backward, read by the rules and the optimizers) and the batch buffer."""
         self.grad_w = [torch.zeros_like(w, requires_grad=False) for w in self.weights]
         self.grad_b = [torch.zeros_like(b, requires_grad=False) for b in self.biases]
+        self.plain = [w.detach() for w in self.weights], [b.detach() for b in self.biases]
         self.batch = None
 
     def grads(self) -> list[torch.Tensor]:
@@ -322,6 +335,18 @@ class Stack:
                 if dropout is not None:
                     h = dropout(i + 1, h)
         return h
+
+    def native_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor, dropout: _Dropout,
+                    loss_sum: torch.Tensor, correct: torch.Tensor) -> list[float]:
+        """Every job's forward pass, loss and backward pass in one C++ call (dnnlab::stack_step, see
+        dnnlab/native.py), the gradients written into grad_w / grad_b, the jobs spread over the threads. Adds
+        the jobs' summed losses and hits to loss_sum and correct; returns their mean losses."""
+        weights, biases = self.plain
+        shape = (len(self.jobs), idx.shape[1])
+        masks = [dropout.mask(i, (*shape, w.shape[1]), x_all) for i, w in enumerate(weights)] if dropout.any \
+            else [None] * self.n_layers
+        return torch.ops.dnnlab.stack_step.default(x_all, y_all, idx, weights, biases, self.grad_w, self.grad_b,
+                                                   *self.kernel, masks, loss_sum, correct)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,14 +437,20 @@ class _Dropout:
         self.rates = [self.rates[k] for k in positions]
         self.generators = [self.generators[k] for k in positions]
 
-    def __call__(self, position: int, h: torch.Tensor) -> torch.Tensor:
+    def mask(self, position: int, shape, like: torch.Tensor) -> torch.Tensor | None:
+        """Every job's scaled mask at a position (shape: jobs x batch x width; like's dtype and device), or None
+        if no job drops there."""
         dropping = [(k, rates[position]) for k, rates in enumerate(self.rates) if rates[position] > 0]
         if not dropping:
-            return h
-        noise = torch.ones_like(h) if len(dropping) < len(self.rates) else torch.empty_like(h)
+            return None
+        noise = like.new_ones(shape) if len(dropping) < len(self.rates) else like.new_empty(shape)
         for k, p in dropping:  # what F.dropout does on the CPU: bernoulli_(1 - p), divided by 1 - p
             noise[k].bernoulli_(1 - p, generator=self.generators[k]).div_(1 - p)
-        return h * noise
+        return noise
+
+    def __call__(self, position: int, h: torch.Tensor) -> torch.Tensor:
+        noise = self.mask(position, h.shape, h)
+        return h if noise is None else h * noise
 
 
 class _Stepper:
@@ -590,7 +621,10 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                                                     | {"_schedule": OmegaConf.to_container(job.cfg.schedule,
                                                                                            resolve=True)},
                                                     sort_keys=True, default=str))
-    stack = Stack(order, [models[job.index] for job in order], activation_fn(first), device)
+    # trainer.native: the C++ step where it computes what the autograd stack would (refused before any file)
+    kernel = native_plan(first, models[0], device)
+    stack = Stack(order, [models[job.index] for job in order], activation_fn(first), device,
+                  kernel and (kernel.activation, kernel.act_args))
     kernels = {2 * i for i in range(stack.n_layers)}  # positions of the weight matrices in parameters()
     stepper = _Stepper(order, stack, device)
     rules = _Rules(order, device)
@@ -633,8 +667,9 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
         nonlocal rules
         rules = _Rules(stack.jobs, device)
 
-    tuner = _ThreadTuner(threads, steps_per_epoch) if t.threads == "auto" and threads > 1 and device.type == "cpu" \
-        else None
+    # Only the C++ step's numbers do not depend on the thread count (batched products split by thread count
+    # do): elsewhere, switching threads at moments set by the machine's load would make a run irreproducible.
+    tuner = _ThreadTuner(threads, steps_per_epoch) if t.threads == "auto" and threads > 1 and stack.kernel else None
     thread_log = []
     epochs = max(job.t.epochs for job in jobs)
     progress_on = t.progress if progress is None else progress
@@ -655,25 +690,29 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                         tuner.before(i)
                     idx = perms[:, i * bs:(i + 1) * bs]
                     b = idx.shape[1]
-                    x = stack.gather(data.x_train, idx)
-                    y = data.y_train.index_select(0, idx.reshape(-1)).view(len(idx), b)
                     _set_lr(stack.jobs, stepper.optimizers, schedules, step)
-                    with autocast:
-                        logits = stack.forward(x, dropout if dropout.any else None)
-                    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                             reduction="none").view(len(idx), b).mean(1)
-                    losses.sum().backward()  # _Layer writes the gradients into stack.grad_w / grad_b
+                    if stack.kernel:
+                        losses = stack.native_step(data.x_train, data.y_train, idx, dropout, loss_sum, correct)
+                    else:
+                        x = stack.gather(data.x_train, idx)
+                        y = data.y_train.index_select(0, idx.reshape(-1)).view(len(idx), b)
+                        with autocast:
+                            logits = stack.forward(x, dropout if dropout.any else None)
+                        losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="none").view(len(idx), b).mean(1)
+                        losses.sum().backward()  # _Layer writes the gradients into stack.grad_w / grad_b
+                        loss_sum += losses.detach() * b
+                        correct += (logits.argmax(-1) == y).sum(1)
                     rules.before_step(stack)
                     stepper.step(stack)
                     rules.after_step(stack)
                     step += 1
-                    loss_sum += losses.detach() * b
-                    correct += (logits.argmax(-1) == y).sum(1)
                     if tuner is not None:
                         tuner.after(i)
-                    if check_every_step and not bool(torch.isfinite(loss_sum).all()):
+                    if check_every_step and not (math.isfinite(sum(losses)) if stack.kernel
+                                                 else bool(torch.isfinite(loss_sum).all())):
                         bad = [k for k, ok in enumerate(torch.isfinite(loss_sum).tolist()) if not ok]
-                        values = losses.tolist()
+                        values = losses if stack.kernel else losses.tolist()
                         finished = set()
                         for k in bad:
                             job = stack.jobs[k]
@@ -694,6 +733,9 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                 seen = min(n, steps_per_epoch * bs)
                 train_losses = [v / seen for v in loss_sum.tolist()]
                 train_accs = [v / seen for v in correct.tolist()]
+                if tuner is not None:
+                    thread_log.append(tuner.current)
+                    tuner.settle()
                 val_losses, val_accs = _evaluate(stack, data.x_val, data.y_val, autocast)
                 seconds = time.perf_counter() - start
                 finished = set()
@@ -718,8 +760,6 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                         save(job, k, f"epoch_{row['epoch']}.pt", row["epoch"], model_state)
                     if job.stopper.should_stop or len(job.rows) >= job.t.epochs:
                         finished.add(job.index)
-                if tuner is not None:
-                    thread_log.append(tuner.current)
                 bar.epoch({"epoch": epoch, "train_loss": min(train_losses), "train_acc": max(train_accs),
                            "val_loss": min(val_losses), "val_acc": max(val_accs)})
                 if finished:
@@ -731,7 +771,9 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
     threads = torch.get_num_threads()
     if thread_log:
         log.info("threads per epoch (all cores or one, the faster at the time): %s", thread_log)
-    summaries = [_finish(job, model, data, device, threads, len(jobs), autocast) for job, model in zip(jobs, models)]
+    how = "stacked native" if stack.kernel else "stacked autograd"
+    summaries = [_finish(job, model, data, device, threads, len(jobs), autocast, how)
+                 for job, model in zip(jobs, models)]
     print_group(summaries, [job.run_dir for job in jobs])
     return summaries
 
@@ -754,7 +796,7 @@ def print_group(summaries: list[dict], run_dirs: list[Path]) -> None:
     console.print(table)
 
 
-def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int, autocast) -> dict:
+def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int, autocast, how: str) -> dict:
     """The job's test evaluation (its own network, best weights restored) and summary, as `dnnlab train` does."""
     t, stopper, rows = job.t, job.stopper, job.rows
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
@@ -776,8 +818,8 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
         "n_train": len(data.x_train), "n_val": len(data.x_val), "n_test": len(data.x_test),
         "data_source": data.source, "steps": job.steps_done,
         "phases": [{"phase": "train", "lr": job.cfg.optimizer.lr, "first_epoch": 1, "epochs": len(rows),
-                    "training_step": "stacked"}],
-        "resumed": False, "training_step": "stacked", "stacked": {"jobs": n_jobs, "position": job.index},
+                    "training_step": how}],
+        "resumed": False, "training_step": how, "stacked": {"jobs": n_jobs, "position": job.index},
     }
     write_json(job.run_dir / "summary.json", summary)
     if rows:

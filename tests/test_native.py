@@ -80,6 +80,59 @@ def test_step_computes_what_autograd_computes(name, dropout):
     assert loss_sum.item() == pytest.approx(expected_sum, rel=1e-6) and correct.item() == expected_hits
 
 
+def stack_of(nets):
+    """The jobs' layers as dnnlab.stacked keeps them: (jobs x in x out) weights, (jobs x out) biases, and gradients."""
+    layers = list(zip(*([m for m in net.modules() if isinstance(m, nn.Linear)] for net in nets)))
+    weights = [torch.stack([lin.weight.detach().t() for lin in layer]).contiguous() for layer in layers]
+    biases = [torch.stack([lin.bias.detach() for lin in layer]) for layer in layers]
+    return weights, biases, [torch.zeros_like(w) for w in weights], [torch.zeros_like(b) for b in biases]
+
+
+@pytest.mark.parametrize("name", ["elu", "selu", "relu", "tanh", "gelu", "softplus"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_stack_step_computes_what_autograd_computes_for_every_job(name, dropout):
+    """dnnlab::stack_step: job k trains on its own rows with its own weights and dropout masks; each job's
+    gradients, loss and hits equal autograd's for that job alone, on one thread or two (bit for bit)."""
+    x_all, y_all = data()
+    nets = [mlp(ACTIVATIONS[name], seed=k) for k in range(3)]
+    weights, biases, grad_w, grad_b = stack_of(nets)
+    kernel = native.activation_spec(ACTIVATIONS[name]())
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(len(x_all), generator=g)[:32] for _ in nets])
+    masks = [None] * len(weights)
+    if dropout:  # the input's and the second hidden layer's, for jobs 0 and 2 (job 1 keeps everything: ones)
+        for layer in (0, 2):
+            m = torch.ones(3, 32, weights[layer].shape[1])
+            m[0].bernoulli_(1 - dropout, generator=g).div_(1 - dropout)
+            m[2].bernoulli_(1 - dropout, generator=g).div_(1 - dropout)
+            masks[layer] = m
+    results = []
+    for threads in (2, 1, 2):  # the first: a worker thread's very first products may round differently (MKL)
+        torch.set_num_threads(threads)
+        loss_sum, correct = torch.zeros(3), torch.zeros(3, dtype=torch.long)
+        losses = torch.ops.dnnlab.stack_step(x_all, y_all, idx, weights, biases, grad_w, grad_b, *kernel, masks,
+                                             loss_sum, correct)
+        results.append((losses, loss_sum.clone(), correct.clone(), [t.clone() for t in grad_w + grad_b]))
+    torch.set_num_threads(1)
+    assert results[1][0] == results[2][0] and all(torch.equal(a, b) for a, b in zip(results[1][3], results[2][3]))
+    losses, loss_sum, correct, _ = results[1]
+    for k, net in enumerate(nets):
+        h, act = x_all[idx[k]], ACTIVATIONS[name]()
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        for layer, lin in enumerate(linears):
+            h = h * masks[layer][k] if masks[layer] is not None else h
+            h = lin(h) if layer == len(linears) - 1 else act(lin(h))
+        loss = F.cross_entropy(h, y_all[idx[k]])
+        loss.backward()
+        assert losses[k] == pytest.approx(loss.item(), rel=1e-6)
+        assert loss_sum[k].item() == pytest.approx(32 * loss.item(), rel=1e-6)
+        assert correct[k].item() == int((h.argmax(1) == y_all[idx[k]]).sum())
+        for layer, lin in enumerate(linears):
+            scale = lin.weight.grad.abs().max().item() + 1e-12
+            assert (grad_w[layer][k].t() - lin.weight.grad).abs().max().item() <= 1e-5 * scale
+            assert (grad_b[layer][k] - lin.bias.grad).abs().max().item() <= 1e-5 * (lin.bias.grad.abs().max() + 1e-12)
+
+
 def test_plan_reads_dnnlabs_networks(make_cfg):
     model = build_mlp(make_cfg("regularizer=dropout", "regularizer.dropout.input=true", "activation=selu"), 10)
     plan, why = native.plan(model)

@@ -231,3 +231,69 @@ def test_stack_on_cuda_matches_the_stack_on_the_cpu(make_cfg, tmp_path):
         assert g["device"].startswith("cuda") and g["status"] == "completed"
         assert g["test_loss"] == pytest.approx(c["test_loss"], rel=1e-2, abs=1e-3)
     assert_same_metrics(tmp_path / "gpu0", tmp_path / "cpu0", atol=1e-3, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------- the C++ stack step
+
+def test_the_native_stack_and_the_autograd_stack_agree(make_cfg, tmp_path):
+    named = {"seed 1": ["trainer.seed=1"], "dropout, lr": ["regularizer=dropout", "regularizer.dropout.input=true",
+                                                            "optimizer.lr=0.003"],
+             "l2, clip": ["regularizer=l2", "optimizer.clip_norm=0.5", "trainer.seed=4"]}
+    out = {}
+    for setting in ("auto", "false"):
+        cfgs = [make_cfg(f"trainer.native={setting}", *o) for o in named.values()]
+        dirs = [tmp_path / f"{setting}_{i}" for i in range(len(cfgs))]
+        out[setting] = train_group(cfgs, dirs, progress=False)
+    assert {s["training_step"] for s in out["auto"]} == {"stacked native"}
+    assert {s["training_step"] for s in out["false"]} == {"stacked autograd"}
+    for i, (fast, slow) in enumerate(zip(out["auto"], out["false"])):
+        assert_same_metrics(tmp_path / f"auto_{i}", tmp_path / f"false_{i}")
+        assert fast["test_loss"] == pytest.approx(slow["test_loss"], rel=1e-3, abs=1e-5)
+
+
+class _Alternating:
+    """Stands in for _ThreadTuner: two threads on even steps, one on odd steps."""
+
+    def __init__(self, many, steps_per_epoch):
+        self.current = many
+
+    def before(self, i):
+        self.current = 2 if i % 2 == 0 else 1
+        torch.set_num_threads(self.current)
+
+    def after(self, i):
+        pass
+
+    def settle(self):
+        torch.set_num_threads(2)
+
+
+def test_native_stack_numbers_do_not_depend_on_the_thread_count(make_cfg, tmp_path, monkeypatch):
+    """What lets threads=auto switch between all cores and one mid-epoch: the same metrics, bit for bit."""
+    import dnnlab.stacked as stacked
+
+    def group(name, *overrides):
+        cfgs = [make_cfg("trainer.batch_size=16", "regularizer=dropout", f"trainer.seed={s}", *overrides)
+                for s in (1, 2, 3)]
+        dirs = [tmp_path / f"{name}_{s}" for s in range(3)]
+        summaries = train_group(cfgs, dirs, progress=False)
+        assert {s["training_step"] for s in summaries} == {"stacked native"}
+        return [[{k: v for k, v in r.items() if k != "seconds"} for r in metrics(d)] for d in dirs]
+
+    group("warm-up", "trainer.threads=2")  # a worker thread's very first step may round differently
+    fixed = group("two", "trainer.threads=2")
+    assert group("two again", "trainer.threads=2") == fixed
+    monkeypatch.setattr(stacked, "pick_stack_threads", lambda setting, cfg, n: 2)
+    monkeypatch.setattr(stacked, "_ThreadTuner", _Alternating)
+    assert group("switching", "trainer.threads=auto") == fixed
+    train_columns = lambda runs: [[(r["train_loss"], r["train_acc"]) for r in rows] for rows in runs]  # noqa: E731
+    assert train_columns(group("one", "trainer.threads=1")) == train_columns(fixed)  # (evaluation: by threads)
+
+
+def test_trainer_native_true_refuses_a_stack_it_cannot_take_before_any_file(make_cfg, tmp_path):
+    from dnnlab.errors import DnnlabError
+
+    cfgs = [make_cfg("trainer.native=true", "trainer.precision=bf16", f"trainer.seed={s}") for s in (1, 2)]
+    with pytest.raises(DnnlabError, match="trainer.precision=bf16"):
+        train_group(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not any(tmp_path.iterdir())

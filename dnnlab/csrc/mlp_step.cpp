@@ -6,12 +6,16 @@
 // more than the arithmetic at batch 32. The weight and bias gradients are written into preallocated tensors (the
 // parameters' .grad), so any torch optimizer can take the step afterwards.
 //
+// dnnlab::stack_step: the same step for a stack of jobs of one shape (a stacked sweep), each job on its own thread.
+//
 // Built on first use by dnnlab/native.py (torch.utils.cpp_extension); per-operator headers keep that to seconds.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/elu_backward.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
@@ -39,6 +43,10 @@
 #include <cmath>
 #include <string>
 #include <vector>
+
+// MKL's per-thread thread count (mkl_set_num_threads_local in mkl_service.h; exported by libtorch_cpu where torch
+// uses MKL; weak: null elsewhere).
+extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
 
 namespace {
 
@@ -91,13 +99,6 @@ at::Tensor backward(Act a, const at::Tensor& g, const at::Tensor& z, const at::T
   TORCH_CHECK(false, "unreachable");
 }
 
-// Dropout as torch.nn.functional.dropout does it on the CPU (a Bernoulli(1-p) mask scaled by 1/(1-p), drawn from
-// the default generator), so a seed draws the same masks as in the autograd path. Returns the scaled mask.
-at::Tensor dropout_mask(const at::Tensor& like, double p) {
-  auto mask = at::empty_like(like).bernoulli_(1 - p);
-  return mask.div_(1 - p);
-}
-
 // Mean cross-entropy of the logits z (B x C) against y, its gradient dL/dz written into g, and the number of rows
 // whose largest logit is the label's.
 double cross_entropy(const at::Tensor& z, const at::Tensor& y, at::Tensor& g, int64_t& hits) {
@@ -127,10 +128,69 @@ double cross_entropy(const at::Tensor& z, const at::Tensor& y, at::Tensor& g, in
   return total / B;
 }
 
-// weights, biases: every Linear layer's (out x in) kernel and bias, bottom to top. The gradient lists hold the
-// layers from `first_trainable` up (the ones below are frozen: no gradients, no backward pass through them).
-// dropout[l]: the rate applied to layer l's input (0: none). Adds the batch's summed loss and its hits to
-// loss_sum and correct, as the autograd path's accumulation does; returns the batch's mean loss.
+// One network's layers as the step sees them. kernels[l] is layer l's weight as nn.Linear keeps it (out x in), or,
+// with in_by_out, as a stack keeps each job's slice (in x out: x @ W). The gradient lists hold the layers from
+// `first` up (the ones below are frozen: no gradients, no backward pass through them).
+struct Layers {
+  std::vector<at::Tensor> kernels, biases, kernel_grads, bias_grads;
+  int64_t first;
+  bool in_by_out;
+};
+
+// Forward pass, mean cross-entropy and backward pass of the batch x (B x features) with labels y, the gradients
+// written into the Layers' gradient tensors. masks[l]: the scaled dropout mask of layer l's input, or undefined.
+double run(const at::Tensor& x, const at::Tensor& y, const Layers& net, Act act, at::ArrayRef<double> act_args,
+           const std::vector<at::Tensor>& masks, int64_t& hits) {
+  const int64_t L = net.kernels.size();
+  const bool t = net.in_by_out;
+  // inputs[l]: what layer l multiplies (after dropout); pre[l], post[l]: hidden layer l's z and act(z)
+  std::vector<at::Tensor> inputs(L), pre(L), post(L);
+  at::Tensor h = x;
+  for (int64_t l = 0; l < L; ++l) {
+    if (masks[l].defined()) h = at::mul(h, masks[l]);
+    inputs[l] = h;
+    pre[l] = at::addmm(net.biases[l], h, t ? net.kernels[l] : net.kernels[l].t());
+    if (l < L - 1) h = post[l] = forward(act, pre[l], act_args);
+  }
+
+  at::Tensor g = at::empty_like(pre[L - 1]);
+  const double loss = cross_entropy(pre[L - 1], y, g, hits);
+
+  for (int64_t l = L - 1; l >= net.first; --l) {
+    at::Tensor gw = net.kernel_grads[l - net.first], gb = net.bias_grads[l - net.first];
+    if (t)
+      at::mm_out(gw, inputs[l].t(), g);
+    else
+      at::mm_out(gw, g.t(), inputs[l]);
+    at::sum_out(gb, g, at::IntArrayRef{0});
+    if (l == net.first) break;
+    at::Tensor gh = at::mm(g, t ? net.kernels[l].t() : net.kernels[l]);
+    if (masks[l].defined()) gh = at::mul(gh, masks[l]);
+    g = backward(act, gh, pre[l - 1], post[l - 1], act_args);
+  }
+  return loss;
+}
+
+// The same float32 arithmetic as `loss_sum += loss * len(y)` in the autograd path.
+void accumulate(float* loss_sum, int64_t* correct, double loss, int64_t batch, int64_t hits) {
+  *loss_sum += static_cast<float>(loss) * static_cast<float>(batch);
+  *correct += hits;
+}
+
+void check_inputs(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& loss_sum,
+                  const at::Tensor& correct) {
+  TORCH_CHECK(x_all.device().is_cpu() && x_all.scalar_type() == at::kFloat && y_all.scalar_type() == at::kLong,
+              "dnnlab: float32 inputs and int64 labels on the CPU");
+  TORCH_CHECK(loss_sum.scalar_type() == at::kFloat && loss_sum.is_contiguous() &&
+                  correct.scalar_type() == at::kLong && correct.is_contiguous(),
+              "dnnlab: a contiguous float32 loss sum and int64 count of hits");
+}
+
+// weights, biases: every Linear layer's (out x in) kernel and bias, bottom to top; the gradient lists hold the
+// layers from `first_trainable` up. dropout[l]: the rate applied to layer l's input (0: none), its mask drawn from
+// the default generator as torch.nn.functional.dropout draws it on the CPU (bernoulli_(1 - p), divided by 1 - p),
+// so a seed draws the same masks as in the autograd path. Adds the batch's summed loss and its hits to loss_sum
+// and correct, as the autograd path's accumulation does; returns the batch's mean loss.
 double mlp_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& idx, at::TensorList weights,
                 at::TensorList biases, at::TensorList weight_grads, at::TensorList bias_grads,
                 int64_t first_trainable, c10::string_view activation, at::ArrayRef<double> act_args,
@@ -142,47 +202,74 @@ double mlp_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tens
                   static_cast<int64_t>(weight_grads.size()) == L - first_trainable &&
                   static_cast<int64_t>(bias_grads.size()) == L - first_trainable,
               "dnnlab::mlp_step: one gradient tensor per trainable layer");
-  TORCH_CHECK(x_all.device().is_cpu() && x_all.scalar_type() == at::kFloat && y_all.scalar_type() == at::kLong,
-              "dnnlab::mlp_step: float32 inputs and int64 labels on the CPU");
+  check_inputs(x_all, y_all, loss_sum, correct);
   const Act act = parse(activation);
 
   at::Tensor x = at::index_select(x_all, 0, idx);
   x = x.view({x.size(0), -1});
   const at::Tensor y = at::index_select(y_all, 0, idx);
   const int64_t B = x.size(0);
+  Layers net{weights.vec(), biases.vec(), weight_grads.vec(), bias_grads.vec(), first_trainable, false};
+  std::vector<at::Tensor> masks(L);
+  for (int64_t l = 0; l < L; ++l)  // drawn in the order the autograd path draws them: bottom to top
+    if (dropout[l] > 0)
+      masks[l] = at::empty({B, weights[l].size(1)}, x.options()).bernoulli_(1 - dropout[l]).div_(1 - dropout[l]);
 
-  // inputs[l]: what layer l multiplies (after dropout); pre[l], post[l]: hidden layer l's z and act(z)
-  std::vector<at::Tensor> inputs(L), pre(L), post(L), masks(L);
-  at::Tensor h = x;
-  for (int64_t l = 0; l < L; ++l) {
-    if (dropout[l] > 0) {
-      masks[l] = dropout_mask(h, dropout[l]);
-      h = at::mul(h, masks[l]);
-    }
-    inputs[l] = h;
-    pre[l] = at::addmm(biases[l], h, weights[l].t());
-    if (l < L - 1) h = post[l] = forward(act, pre[l], act_args);
-  }
-
-  at::Tensor g = at::empty_like(pre[L - 1]);
   int64_t hits = 0;
-  const double loss = cross_entropy(pre[L - 1], y, g, hits);
-
-  for (int64_t l = L - 1; l >= first_trainable; --l) {
-    at::Tensor gw = weight_grads[l - first_trainable], gb = bias_grads[l - first_trainable];
-    at::mm_out(gw, g.t(), inputs[l]);
-    at::sum_out(gb, g, at::IntArrayRef{0});
-    if (l == first_trainable) break;
-    at::Tensor gh = at::mm(g, weights[l]);
-    if (dropout[l] > 0) gh = at::mul(gh, masks[l]);
-    g = backward(act, gh, pre[l - 1], post[l - 1], act_args);
-  }
-
-  // the same float32 arithmetic as `loss_sum += loss * len(y)` in the autograd path
-  float* sum = loss_sum.mutable_data_ptr<float>();
-  *sum += static_cast<float>(loss) * static_cast<float>(B);
-  *correct.mutable_data_ptr<int64_t>() += hits;
+  const double loss = run(x, y, net, act, act_args, masks, hits);
+  accumulate(loss_sum.mutable_data_ptr<float>(), correct.mutable_data_ptr<int64_t>(), loss, B, hits);
   return loss;
+}
+
+// The step of a stack of J networks of one shape (dnnlab/stacked.py): job k trains on x_all[idx[k]] with its slices
+// weights[l][k] (in x out), biases[l][k] and gradients, and masks[l][k] (J x B x in, or None: no dropout at layer l
+// for any job; drawn by the caller from each job's own generator). The jobs are independent, so they are spread
+// over the intra-op threads, each job's step running on one thread with the kernels a single job uses. Adds each
+// job's summed loss and hits to loss_sum[k] and correct[k]; returns the jobs' mean losses.
+std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& idx,
+                               at::TensorList weights, at::TensorList biases, at::TensorList weight_grads,
+                               at::TensorList bias_grads, c10::string_view activation, at::ArrayRef<double> act_args,
+                               const c10::List<std::optional<at::Tensor>>& masks, at::Tensor loss_sum, at::Tensor correct) {
+  const int64_t L = weights.size(), J = idx.size(0);
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(weight_grads.size()) == L &&
+                  static_cast<int64_t>(bias_grads.size()) == L && static_cast<int64_t>(masks.size()) == L,
+              "dnnlab::stack_step: per layer one weight, bias, gradient of each and mask (or None)");
+  TORCH_CHECK(idx.dim() == 2 && loss_sum.numel() == J && correct.numel() == J,
+              "dnnlab::stack_step: idx is jobs x batch, one loss sum and hit count per job");
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(weights[l].dim() == 3 && weights[l].size(0) == J && weight_grads[l].sizes() == weights[l].sizes() &&
+                    bias_grads[l].sizes() == biases[l].sizes(),
+                "dnnlab::stack_step: layer ", l, ": stacked (jobs x in x out) weights and gradients");
+  check_inputs(x_all, y_all, loss_sum, correct);
+  const Act act = parse(activation);
+
+  std::vector<double> losses(J);
+  float* sums = loss_sum.mutable_data_ptr<float>();
+  int64_t* hit_counts = correct.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, J, 1, [&](int64_t begin, int64_t end) {
+    // Inside a parallel region MKL would pick other kernels than on one thread outside it, and a job's numbers
+    // would depend on the thread count: one MKL thread per job, always.
+    const int mkl_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t k = begin; k < end; ++k) {
+      Layers net{{}, {}, {}, {}, 0, true};
+      std::vector<at::Tensor> job_masks(L);
+      for (int64_t l = 0; l < L; ++l) {
+        net.kernels.push_back(weights[l].select(0, k));
+        net.biases.push_back(biases[l].select(0, k));
+        net.kernel_grads.push_back(weight_grads[l].select(0, k));
+        net.bias_grads.push_back(bias_grads[l].select(0, k));
+        const std::optional<at::Tensor> mask = masks[l];
+        if (mask.has_value()) job_masks[l] = mask->select(0, k);
+      }
+      const at::Tensor rows = idx.select(0, k);
+      const at::Tensor x = at::index_select(x_all, 0, rows);
+      int64_t hits = 0;
+      losses[k] = run(x.view({x.size(0), -1}), at::index_select(y_all, 0, rows), net, act, act_args, job_masks, hits);
+      accumulate(sums + k, hit_counts + k, losses[k], rows.size(0), hits);
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads);
+  });
+  return losses;
 }
 
 }  // namespace
@@ -191,5 +278,9 @@ TORCH_LIBRARY(dnnlab, m) {
   m.def("mlp_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor[] weights, Tensor[] biases, "
         "Tensor(a!)[] weight_grads, Tensor(b!)[] bias_grads, int first_trainable, str activation, "
         "float[] act_args, float[] dropout, Tensor(c!) loss_sum, Tensor(d!) correct) -> float");
+  m.def("stack_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor[] weights, Tensor[] biases, "
+        "Tensor(a!)[] weight_grads, Tensor(b!)[] bias_grads, str activation, float[] act_args, Tensor?[] masks, "
+        "Tensor(c!) loss_sum, Tensor(d!) correct) -> float[]");
   m.impl("mlp_step", c10::DispatchKey::CPU, &mlp_step);
+  m.impl("stack_step", c10::DispatchKey::CPU, &stack_step);
 }
