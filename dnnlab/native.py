@@ -9,6 +9,7 @@ training takes the autograd path.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ log = logging.getLogger("dnnlab")
 
 SOURCE = Path(__file__).parent / "csrc" / "mlp_step.cpp"
 # -fopenmp: at::parallel_for (the stacked step) is inlined into this library; torch's own libgomp serves it at run time
-CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
+CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 STALE_LOCK_SECONDS = 600  # a build lock this old was left by a killed build (torch would wait for it forever)
 SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # torch's alpha and scale
 
@@ -121,6 +122,19 @@ def build_directory() -> Path:
     return Path(root) / f"dnnlab_native_{digest}"
 
 
+def clear_stale_lock(lock: Path) -> None:
+    """Remove a build lock left by a killed build: torch before 2.14 waits for as long as the file exists (2.14 holds
+    an advisory lock on it instead, which the kernel drops with the process; a file still locked is never removed)."""
+    if not lock.exists() or time.time() - lock.stat().st_mtime <= STALE_LOCK_SECONDS:
+        return
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a build is running
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def available() -> str:
     """Build (first time) and load the C++ step; "" when it is ready, else why it is not (no compiler, ...)."""
@@ -132,15 +146,13 @@ def available() -> str:
 
     folder = build_directory()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        lock.unlink(missing_ok=True)
+    clear_stale_lock(folder / "lock")
     built = any(folder.glob("*.so"))
     if not built:
         log.info("building dnnlab's native training step (once per machine and torch version, about 10 s)")
     try:
-        load("dnnlab_native", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(folder),
-             is_python_module=False, verbose=False)
+        load("dnnlab_native", [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),  # (it appends)
+             build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the autograd path still trains
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"it could not be built ({first})"

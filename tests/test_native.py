@@ -250,3 +250,22 @@ def test_summary_records_the_step(make_cfg, tmp_path):
     train(make_cfg(), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["training_step"] == "native" and summary["phases"][0]["training_step"] == "native"
+
+
+def test_the_build_folder_stays_put_and_only_an_old_unheld_lock_is_cleared(tmp_path):
+    import fcntl
+    import time
+
+    assert native.available() == "" and native.build_directory().is_dir()  # the folder of the library in use
+    assert list(native.build_directory().glob("*.so"))
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    fresh, stale, held = (tmp_path / name for name in ("fresh", "stale", "held"))
+    for lock in (fresh, stale, held):
+        lock.touch()
+    for lock in (stale, held):
+        os.utime(lock, (old, old))
+    with open(held, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a build in progress (torch 2.14 locks the file)
+        for lock in (fresh, stale, held):
+            native.clear_stale_lock(lock)
+    assert fresh.exists() and held.exists() and not stale.exists()
