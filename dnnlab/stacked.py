@@ -275,7 +275,8 @@ class Stack:
         self._buffers()
 
     def _buffers(self) -> None:
-        """Gradients (written by _Layer's backward, read by the rules and the optimizers) and the batch buffer."""
+        """Gradients (written by _Layer's backward or the C++ step, read by the rules and the optimizers), the
+        weights as plain tensors (for the C++ step) and the batch buffer."""
         self.grad_w = [torch.zeros_like(w, requires_grad=False) for w in self.weights]
         self.grad_b = [torch.zeros_like(b, requires_grad=False) for b in self.biases]
         self.plain = [w.detach() for w in self.weights], [b.detach() for b in self.biases]
