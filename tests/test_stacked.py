@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnlab import checkpoint
+from dnnlab import checkpoint, native
 from dnnlab.model import build_mlp
 from dnnlab.optim import build_optimizer
 from dnnlab.stacked import plan, train_group, why_not
@@ -235,6 +235,10 @@ def test_stack_on_cuda_matches_the_stack_on_the_cpu(make_cfg, tmp_path):
 
 # ------------------------------------------------------------------------------------------- the C++ stack step
 
+needs_native = pytest.mark.skipif(native.available() != "", reason=f"native step unavailable: {native.available()}")
+
+
+@needs_native
 def test_the_native_stack_and_the_autograd_stack_agree(make_cfg, tmp_path):
     named = {"seed 1": ["trainer.seed=1"], "dropout, lr": ["regularizer=dropout", "regularizer.dropout.input=true",
                                                             "optimizer.lr=0.003"],
@@ -268,6 +272,7 @@ class _Alternating:
         torch.set_num_threads(2)
 
 
+@needs_native
 def test_native_stack_numbers_do_not_depend_on_the_thread_count(make_cfg, tmp_path, monkeypatch):
     """What lets threads=auto switch between all cores and one mid-epoch: the same metrics, bit for bit."""
     import dnnlab.stacked as stacked

@@ -50,6 +50,15 @@ extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
 
 namespace {
 
+// Inside a parallel region MKL would pick other kernels than on one thread outside it, and a job's numbers would
+// depend on the thread count: one MKL thread for the jobs of a stack, always, restored on the way out.
+struct OneMklThread {
+  int before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~OneMklThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
+  }
+};
+
 enum class Act { elu, relu, leaky_relu, tanh, sigmoid, gelu, gelu_tanh, silu, mish, softplus };
 
 Act parse(c10::string_view name) {
@@ -229,7 +238,8 @@ double mlp_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tens
 std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& idx,
                                at::TensorList weights, at::TensorList biases, at::TensorList weight_grads,
                                at::TensorList bias_grads, c10::string_view activation, at::ArrayRef<double> act_args,
-                               const c10::List<std::optional<at::Tensor>>& masks, at::Tensor loss_sum, at::Tensor correct) {
+                               const c10::List<std::optional<at::Tensor>>& masks, at::Tensor loss_sum,
+                               at::Tensor correct) {
   const int64_t L = weights.size(), J = idx.size(0);
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(weight_grads.size()) == L &&
                   static_cast<int64_t>(bias_grads.size()) == L && static_cast<int64_t>(masks.size()) == L,
@@ -247,9 +257,7 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
   float* sums = loss_sum.mutable_data_ptr<float>();
   int64_t* hit_counts = correct.mutable_data_ptr<int64_t>();
   at::parallel_for(0, J, 1, [&](int64_t begin, int64_t end) {
-    // Inside a parallel region MKL would pick other kernels than on one thread outside it, and a job's numbers
-    // would depend on the thread count: one MKL thread per job, always.
-    const int mkl_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const OneMklThread one_mkl_thread;
     for (int64_t k = begin; k < end; ++k) {
       Layers net{{}, {}, {}, {}, 0, true};
       std::vector<at::Tensor> job_masks(L);
@@ -267,7 +275,6 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
       losses[k] = run(x.view({x.size(0), -1}), at::index_select(y_all, 0, rows), net, act, act_args, job_masks, hits);
       accumulate(sums + k, hit_counts + k, losses[k], rows.size(0), hits);
     }
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads);
   });
   return losses;
 }
