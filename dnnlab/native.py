@@ -5,7 +5,8 @@ is autograd's graph and Python's per-operation overhead. The C++ step runs the s
 which halves a default epoch. It is built once per machine and torch version by torch.utils.cpp_extension (about
 10 s; `dnnlab.native` run as a script builds it ahead, as scripts/install.sh does) and is used where it computes
 what autograd would: see `plan` for the networks it takes. Elsewhere, or where no C++ compiler is available,
-training takes the autograd path.
+training takes the autograd path. The same library holds the step of a stacked sweep (dnnlab::stack_step, used by
+dnnlab/stacked.py): every job's step in one call, the jobs spread over the threads.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ log = logging.getLogger("dnnlab")
 SOURCE = Path(__file__).parent / "csrc" / "mlp_step.cpp"
 # -fopenmp: at::parallel_for (the stacked step) is inlined into this library; torch's own libgomp serves it at run time
 CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
-STALE_LOCK_SECONDS = 600  # a build lock this old was left by a killed build (torch would wait for it forever)
+STALE_LOCK_SECONDS = 600  # an unheld build lock this old was left by a killed build (see clear_stale_lock)
 SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # torch's alpha and scale
 
 
