@@ -211,6 +211,31 @@ def test_stacked_launcher_records_a_bad_job_and_goes_on(data_root, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_stacked_launcher_takes_the_configs_the_sweeper_composed():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.dnnlab_stacked_launcher.stacked_launcher import _KeepValidated
+
+    class Loader:
+        calls: list = []
+        search_path = "kept as is"
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.calls.append(list(sweep_overrides))
+            return OmegaConf.create({"lr": sweep_overrides[0].split("=")[1], "n": len(self.calls)})
+
+    loader, master = _KeepValidated(Loader()), OmegaConf.create({})
+    checked = loader.load_sweep_config(master, ["lr=1"])  # the sweeper's check
+    checked.lr = "changed by the sweeper"
+    assert loader.take(master, ["lr=1"]) == {"lr": "1", "n": 1}  # a copy of what the check composed
+    assert loader.take(master, ["lr=1"]) == {"lr": "1", "n": 2}  # taken once: composed again
+    assert loader.take(master, ["lr=2"]) == {"lr": "2", "n": 3}  # never checked
+    loader.load_sweep_config(master, ["lr=3"])
+    assert loader.take(OmegaConf.create({}), ["lr=3"])["n"] == 5  # another master config: composed for it
+    assert Loader.calls == [["lr=1"], ["lr=1"], ["lr=2"], ["lr=3"], ["lr=3"]]
+    assert loader.search_path == "kept as is"
+
+
 def test_stacked_launcher_config_composes(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "hydra/launcher=stacked", "--cfg", "hydra"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
