@@ -119,28 +119,51 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, **savefig_kwargs) -> None:
-    """Render a figure to PNG in memory, close it, then write the bytes atomically (never a half-written image)."""
-    plt = pyplot()
+def save_figure(fig, path: Path, close: bool = True, **savefig_kwargs) -> None:
+    """Render a figure to PNG in memory, close it (unless told not to), then write the bytes atomically (never a
+    half-written image)."""
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", **{"dpi": 100, **savefig_kwargs})
     finally:
-        plt.close(fig)
+        if close:
+            pyplot().close(fig)
     atomic_write(path, buffer.getvalue())
 
 
+class LearningCurves:
+    """The book's history plot: loss and accuracy, training against validation, per epoch. One figure, drawn again
+    for each run it is given (the jobs of a stack): building a figure and fitting its layout cost more than drawing
+    it, so the margins are fixed (they hold tick labels of six characters) instead of tight_layout's."""
+
+    def __init__(self):
+        self.fig, self.axes = pyplot().subplots(1, 2, figsize=(10, 4))
+        self.fig.subplots_adjust(left=0.07, right=0.985, bottom=0.12, top=0.97, wspace=0.2)
+        self.lines = {}
+        for ax, metric in zip(self.axes, ("loss", "acc")):
+            for split in ("train", "val"):
+                self.lines[f"{split}_{metric}"], = ax.plot([], [], "o-", label=f"{split}_{metric}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
+            ax.grid(True)
+            ax.legend()
+
+    def save(self, rows: list[dict], path: Path) -> None:
+        epochs = [r["epoch"] for r in rows]
+        for key, line in self.lines.items():
+            line.set_data(epochs, [r[key] for r in rows])
+        for ax in self.axes:
+            ax.relim()
+            ax.autoscale_view()
+        save_figure(self.fig, path, close=False)
+
+    def close(self) -> None:
+        pyplot().close(self.fig)
+
+
 def plot_learning_curves(rows: list[dict], path: Path) -> None:
-    """The book's history plot: loss and accuracy, training against validation, per epoch."""
-    plt = pyplot()
-    epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "acc")):
-        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label=f"train_{metric}")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "o-", label=f"val_{metric}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
-        ax.grid(True)
-        ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    curves = LearningCurves()
+    try:
+        curves.save(rows, path)
+    finally:
+        curves.close()

@@ -61,7 +61,7 @@ from dnnlab import checkpoint, validate
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
 from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
-from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
+from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.train import EarlyStopping, evaluate, native_plan, pick_device, restrict, seed_everything
 
@@ -773,8 +773,12 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
     if thread_log:
         log.info("threads per epoch (all cores or one, the faster at the time): %s", thread_log)
     how = "stacked native" if stack.kernel else "stacked autograd"
-    summaries = [_finish(job, model, data, device, threads, len(jobs), autocast, how)
-                 for job, model in zip(jobs, models)]
+    curves = LearningCurves()  # one figure for every job's plot
+    try:
+        summaries = [_finish(job, model, data, device, threads, len(jobs), autocast, how, curves)
+                     for job, model in zip(jobs, models)]
+    finally:
+        curves.close()
     print_group(summaries, [job.run_dir for job in jobs])
     return summaries
 
@@ -797,7 +801,8 @@ def print_group(summaries: list[dict], run_dirs: list[Path]) -> None:
     console.print(table)
 
 
-def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int, autocast, how: str) -> dict:
+def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int, autocast, how: str,
+            curves: LearningCurves) -> dict:
     """The job's test evaluation (its own network, best weights restored) and summary, as `dnnlab train` does."""
     t, stopper, rows = job.t, job.stopper, job.rows
     if stopper.best_state is not None and t.early_stopping.restore_best_weights:
@@ -824,5 +829,5 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
     }
     write_json(job.run_dir / "summary.json", summary)
     if rows:
-        plot_learning_curves(rows, job.run_dir / "learning_curves.png")
+        curves.save(rows, job.run_dir / "learning_curves.png")
     return summary

@@ -11,7 +11,7 @@ import torch
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
-from dnnlab.record import COLUMNS
+from dnnlab.record import COLUMNS, LearningCurves, plot_learning_curves
 from dnnlab.train import train
 
 GROUPS = ("init", "activation", "norm", "optimizer", "schedule", "regularizer", "data")
@@ -61,6 +61,22 @@ def test_run_writes_every_output(make_cfg, tmp_path):
     assert names == {"last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"}
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and "optimizer" in state and "lr: 0.001" in state["config"]
+
+
+def test_a_reused_learning_curve_figure_draws_what_a_new_one_draws(tmp_path):
+    def rows(scale, epochs):
+        return [{"epoch": e, "train_loss": scale / e, "val_loss": 1.2 * scale / e, "train_acc": 1 - scale / (3 * e),
+                 "val_acc": 1 - scale / (2 * e)} for e in range(1, epochs + 1)]
+
+    plot_learning_curves(rows(0.5, 6), tmp_path / "new.png")
+    curves = LearningCurves()  # as a stack draws its jobs: other curves first, of other lengths and ranges
+    try:
+        for k, (scale, epochs) in enumerate(((30.0, 40), (0.001, 2), (0.5, 6))):
+            curves.save(rows(scale, epochs), tmp_path / f"reused{k}.png")
+    finally:
+        curves.close()
+    assert (tmp_path / "reused2.png").read_bytes() == (tmp_path / "new.png").read_bytes()
+    assert (tmp_path / "reused0.png").read_bytes() != (tmp_path / "new.png").read_bytes()
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(make_cfg, tmp_path):
