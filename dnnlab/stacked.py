@@ -636,9 +636,10 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
 
     # Files: the same writers as a normal run, between epochs as there (a writer thread would compete with the
     # training for the cores).
+    env = environment(device)  # one process: every job's (it asks git and the installed packages)
     for job in jobs:
         job.recorder = Recorder(job.run_dir)
-        write_json(job.run_dir / "environment.json", environment(device))
+        write_json(job.run_dir / "environment.json", env)
 
     def save(job: Job, k: int, name: str, epoch: int, model_state: dict | None = None) -> None:
         """The job's checkpoint as `dnnlab train` writes it: its own network, optimizer and schedule state, and what
