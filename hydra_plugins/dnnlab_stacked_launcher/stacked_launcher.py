@@ -47,8 +47,8 @@ class _JobFilter(logging.Filter):
 class _KeepValidated:
     """Hydra's config loader, keeping a copy of each job config that the sweeper composes to check a batch
     (Sweeper.validate_batch_is_legal) for launch() to take instead of composing the job again: the same master config
-    and overrides compose to the same config, and composing costs about 0.1 s a job, a tenth of a stack's wall time
-    beside its training. Every other attribute is the loader's own."""
+    and overrides compose to the same config, and each compose costs about 0.15 s (Hydra reads every YAML file
+    again), 1.2 s for a stack of 8 jobs. Every other attribute is the loader's own."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
