@@ -79,6 +79,24 @@ def test_a_reused_learning_curve_figure_draws_what_a_new_one_draws(tmp_path):
     assert (tmp_path / "reused0.png").read_bytes() != (tmp_path / "new.png").read_bytes()
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e5])
+def test_learning_curve_labels_fit_the_fixed_margins(tmp_path, scale):
+    rows = [{"epoch": e, "train_loss": scale * (1 + e / 10), "val_loss": scale * (1.5 + e / 10),
+             "train_acc": 0.9999 + 1e-6 * e, "val_acc": 0.99991 + 1e-6 * e} for e in range(1, 80)]
+    curves = LearningCurves()
+    try:
+        curves.save(rows, tmp_path / "curves.png")
+        renderer = curves.fig.canvas.get_renderer()
+        width, height = curves.fig.canvas.get_width_height()
+        loss_offset, acc_offset = (ax.yaxis.get_offset_text().get_text() for ax in curves.axes)
+        assert acc_offset and bool(loss_offset) == (scale != 1.0)  # 1e-5+9.999e-1 above the axes; 1e-4; 1e5
+        for ax in curves.axes:  # every label, tick label and offset the axes draw
+            box = ax.get_tightbbox(renderer)
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, (scale, box)
+    finally:
+        curves.close()
+
+
 def test_tensorboard_events_hold_the_epoch_metrics(make_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
