@@ -37,9 +37,9 @@ layer runs all J networks at once under autograd.
 
 Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
 J x batch x widest layer > 8192 on. With the C++ step, whose numbers do not depend on the thread count (tested), it
-then checks that choice against one thread at the start of every epoch (_ThreadTuner): on a machine where another
-program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the device and the
-host reads them once per epoch.
+then checks that choice against one thread at the start of every epoch (dnnlab.threads.ThreadTuner): on a machine
+where another program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the
+device and the host reads them once per epoch.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ from dnnlab.model import build_mlp, dropout_spec, widths
 from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
+from dnnlab.threads import ThreadTuner
 from dnnlab.train import EarlyStopping, evaluate, native_plan, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
@@ -136,7 +137,7 @@ def plan(cfgs: list[DictConfig], max_group: int | None = None, min_group: int = 
 def pick_stack_threads(setting, cfg: DictConfig, n_jobs: int) -> int:
     """Threads for a stack: like `dnnlab.train.pick_threads`, but a stack's matrix products are n_jobs times larger,
     so all cores pay off much sooner: from n_jobs x batch x widest layer > 8192 (three default networks). With
-    threads=auto, _ThreadTuner then checks the choice against one thread on the first epoch's steps."""
+    threads=auto, ThreadTuner then checks the choice against one thread on the first epoch's steps."""
     import os
 
     if setting != "auto":
@@ -144,66 +145,6 @@ def pick_stack_threads(setting, cfg: DictConfig, n_jobs: int) -> int:
     widest = max(widths(cfg.model), default=1)
     cores = len(os.sched_getaffinity(0))
     return 1 if n_jobs * cfg.trainer.batch_size * widest <= 8192 else cores
-
-
-class _ThreadTuner:
-    """threads=auto on a multi-core CPU. Which is faster for a stack, all cores or one, depends on its size and on
-    what else the machine runs: a second thread that must wait for a core busy with another program makes every
-    step many times slower. So every epoch starts with a few steps on all cores and a few on one and keeps the
-    faster, and while on all cores it falls back to one as soon as the recent steps take much longer than the
-    one-thread steps did. Used with the C++ step only, whose metrics do not depend on the thread count (tested);
-    the log records each epoch's choice."""
-
-    def __init__(self, many: int, steps_per_epoch: int, probe: int = 8, skip: int = 2, window: int = 10):
-        self.many, self.probe, self.skip, self.window = many, probe, skip, window
-        self.enabled = steps_per_epoch >= 6 * probe
-        self.times: dict[int, list[float]] = {}
-        self.recent: list[float] = []
-        self.reference = math.inf
-        self.current = torch.get_num_threads()
-        self.start = 0.0
-        self.switches = 0
-
-    def _use(self, threads: int) -> None:
-        if threads != self.current:
-            torch.set_num_threads(threads)
-            self.current = threads
-
-    def settle(self) -> None:
-        """All cores again, for what must not depend on the machine's load: evaluation, whose batched products
-        round by thread count."""
-        self._use(self.many)
-
-    def before(self, i: int) -> None:
-        if not self.enabled:
-            return
-        if i == 0:
-            self.times, self.recent = {self.many: [], 1: []}, []
-            self._use(self.many)
-        elif i == self.probe:
-            self._use(1)
-        self.start = time.perf_counter()
-
-    def after(self, i: int) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        if i < 2 * self.probe:
-            if i % self.probe >= self.skip:  # the first steps after a switch are slower either way
-                self.times[self.many if i < self.probe else 1].append(elapsed)
-            if i == 2 * self.probe - 1:
-                many, one = (statistics.median(self.times[k]) for k in (self.many, 1))
-                self.reference = one
-                self._use(self.many if many < one else 1)
-                log.debug("thread probe: %.2f ms on %d threads, %.2f ms on 1", 1e3 * many, self.many, 1e3 * one)
-            return
-        if self.current == self.many:
-            self.recent = (self.recent + [elapsed])[-self.window:]
-            if len(self.recent) == self.window and statistics.median(self.recent) > 1.5 * self.reference:
-                log.debug("step %d: %.2f ms on %d threads, one thread took %.2f", i,
-                          1e3 * statistics.median(self.recent), self.many, 1e3 * self.reference)
-                self._use(1)  # the machine got busy: one thread for the rest of the epoch
-                self.switches += 1
 
 
 # ------------------------------------------------------------------------------------------------- the stacked net
@@ -671,7 +612,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
 
     # Only the C++ step's numbers do not depend on the thread count (batched products split by thread count
     # do): elsewhere, switching threads at moments set by the machine's load would make a run irreproducible.
-    tuner = _ThreadTuner(threads, steps_per_epoch) if t.threads == "auto" and threads > 1 and stack.kernel else None
+    tuner = ThreadTuner(threads, steps_per_epoch) if t.threads == "auto" and threads > 1 and stack.kernel else None
     thread_log = []
     epochs = max(job.t.epochs for job in jobs)
     progress_on = t.progress if progress is None else progress
@@ -821,7 +762,7 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
         "train_seconds": sum(r["seconds"] for r in rows),
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-        "threads": threads, "seed": t.seed, "classes": list(data.classes),
+        "threads": threads, "update_threads": threads, "seed": t.seed, "classes": list(data.classes),
         "n_train": len(data.x_train), "n_val": len(data.x_val), "n_test": len(data.x_test),
         "data_source": data.source, "steps": job.steps_done,
         "phases": [{"phase": "train", "lr": job.cfg.optimizer.lr, "first_epoch": 1, "epochs": len(rows),

@@ -281,7 +281,7 @@ def test_the_native_stack_and_the_autograd_stack_agree(make_cfg, tmp_path):
 
 
 class _Alternating:
-    """Stands in for _ThreadTuner: two threads on even steps, one on odd steps."""
+    """Stands in for ThreadTuner: two threads on even steps, one on odd steps."""
 
     def __init__(self, many, steps_per_epoch):
         self.current = many
@@ -314,7 +314,7 @@ def test_native_stack_numbers_do_not_depend_on_the_thread_count(make_cfg, tmp_pa
     fixed = group("two", "trainer.threads=2")
     assert group("two again", "trainer.threads=2") == fixed
     monkeypatch.setattr(stacked, "pick_stack_threads", lambda setting, cfg, n: 2)
-    monkeypatch.setattr(stacked, "_ThreadTuner", _Alternating)
+    monkeypatch.setattr(stacked, "ThreadTuner", _Alternating)
     assert group("switching", "trainer.threads=auto") == fixed
     train_columns = lambda runs: [[(r["train_loss"], r["train_acc"]) for r in rows] for rows in runs]  # noqa: E731
     assert train_columns(group("one", "trainer.threads=1")) == train_columns(fixed)  # (evaluation: by threads)
