@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dnnlab import optim
 from dnnlab.errors import DnnlabError
 from dnnlab.transfer import Frozen
 
@@ -162,16 +163,17 @@ def available() -> str:
 
 class NativeStep:
     """`step(idx)`: forward, loss and backward of the batch `x_all[idx]`, the gradients left in the parameters'
-    .grad (allocated here, overwritten every step), the batch's loss and hits added to loss_sum and correct.
-    Returns the batch's mean loss."""
+    .grad (allocated here as views of one flat tensor, which direct_step updates from in one call; overwritten
+    every step), the batch's loss and hits added to loss_sum and correct. Returns the batch's mean loss."""
 
     def __init__(self, p: Plan, x_all: torch.Tensor, y_all: torch.Tensor, loss_sum: torch.Tensor,
                  correct: torch.Tensor):
         trainable = p.linears[p.first_trainable:]
-        for lin in trainable:
-            for param in (lin.weight, lin.bias):
-                if param.grad is None or param.grad.shape != param.shape or not param.grad.is_contiguous():
-                    param.grad = torch.zeros_like(param)
+        params = [param for lin in trainable for param in (lin.weight, lin.bias)]
+        if (any(q.grad is None or q.grad.shape != q.shape for q in params)
+                or optim.span([q.grad for q in params]) is None):
+            for q, grad in zip(params, optim.pack([torch.zeros_like(q) for q in params])):
+                q.grad = grad
         self.args = (x_all, y_all, [lin.weight.detach() for lin in p.linears], [lin.bias.detach() for lin in p.linears],
                      [lin.weight.grad for lin in trainable], [lin.bias.grad for lin in trainable], p.first_trainable,
                      p.activation, p.act_args, p.dropout, loss_sum, correct)

@@ -24,9 +24,10 @@ from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import build_mlp, flat_forward, widths
-from dnnlab.optim import GradientRules, build_optimizer, direct_step, set_momentum
+from dnnlab.optim import GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, read_metrics, write_json
 from dnnlab.schedule import build_schedule
+from dnnlab.threads import ThreadTuner
 from dnnlab.ui import Progress, error, print_summary
 
 log = logging.getLogger("dnnlab")
@@ -42,14 +43,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def core_share(parallel_jobs: int = 1) -> int:
+    """This job's share of the cores: all of them, or a part when jobs run side by side (joblib launcher)."""
+    return max(1, len(os.sched_getaffinity(0)) // parallel_jobs)
+
+
 def pick_threads(setting, cfg: DictConfig, parallel_jobs: int = 1) -> int:
-    """CPU threads for this job: its share of the cores when jobs run side by side (joblib launcher), and just one
-    for small batches of small networks, where splitting a 32x100 matmul costs more than it saves."""
+    """CPU threads for this job: its share of the cores, and just one for small batches of small networks, where
+    splitting a 32x100 matmul costs more than it saves."""
     if setting != "auto":
         return setting
-    share = max(1, len(os.sched_getaffinity(0)) // parallel_jobs)
     widest = max(widths(cfg.model), default=1)
-    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else share
+    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else core_share(parallel_jobs)
+
+
+def update_tuner(setting, parallel_jobs: int, steps_per_epoch: int, step_plan) -> ThreadTuner | None:
+    """With the C++ step and threads=auto, where the matrix products run on one thread: the chooser between that
+    one and the job's share of the cores for the optimizer's update of the flat parameters (optim.direct_step),
+    which can take half the time on two and whose numbers do not depend on its threads (tested)."""
+    many = core_share(parallel_jobs)
+    if step_plan is None or setting != "auto" or many <= torch.get_num_threads():
+        return None
+    return ThreadTuner(many, steps_per_epoch, apply=None)
 
 
 def parallel_jobs() -> int:
@@ -133,7 +148,8 @@ class Interrupted(Exception):
 
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
                 autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0,
-                native_plan: native.Plan | None = None) -> tuple[float, float, int, float]:
+                native_plan: native.Plan | None = None, tuner: ThreadTuner | None = None
+                ) -> tuple[float, float, int, float]:
     """One pass over the training split in a seeded random order: (mean loss, accuracy, phase step, last lr).
     Loss and accuracy accumulate on the device. On the CPU every step checks that the loss is finite (it costs
     nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it: a count
@@ -141,7 +157,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     weights keep it so).
     `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
     records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first);
-    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass done in one C++ call."""
+    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass done in one C++ call;
+    `tuner` chooses the threads of the optimizer's update (see update_tuner)."""
     device = x_all.device
     check_every_step = device.type == "cpu"
     if position is None:
@@ -151,12 +168,12 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     perm, loss_sum, correct, lr = position["perm"], position["loss_sum"], position["correct"], position["lr"]
     # the same results with less overhead per step; diagnostics arm forward hooks on the steps they sample
     forward = net if diag else flat_forward(net) or net
-    optimizer_step = direct_step(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
     first_step = step - position["i"]
     net.train()
     native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct) if native_plan else None
+    optimizer_step = direct_step(optimizer, tuner)
     for i in range(position["i"], steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
         lr, momentum = schedule.lr(step), schedule.momentum(step)
@@ -338,7 +355,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             "stopper": stopper.state_dict(), "rng": rng_state(generator), "position": position,
             "config": config_text, "classes": list(data.classes)})
 
-    status, reason, position = "completed", None, None
+    status, reason, position, tuner = "completed", None, None, None
     step, cache_seconds, phase_log = 0, 0.0, []
     if resume:
         step, cache_seconds, phase_log = resume["step"] - resume["phase_step"], resume["cache_seconds"], resume["phases"]
@@ -369,7 +386,10 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
             step_plan = native_plan(cfg, net, device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
+            if device.type == "cpu" and fusable(optimizer):  # one update call for all (see optim.direct_step)
+                pack_parameters_(trainable)
             rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+            tuner = update_tuner(t.threads, parallel_jobs, steps_per_epoch, step_plan)
             schedule = build_schedule(cfg.schedule, lr0, epochs * steps_per_epoch, steps_per_epoch)
             if resuming:
                 optimizer.load_state_dict(resume["optimizer"])
@@ -385,7 +405,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     try:
                         train_loss, train_acc, phase_step, lr = train_epoch(
                             train_net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule,
-                            phase_step, generator, autocast, progress, stop, position, diag, step, step_plan)
+                            phase_step, generator, autocast, progress, stop, position, diag, step, step_plan, tuner)
                     except Interrupted as e:
                         phase_step = e.position["step"]
                         save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})
@@ -435,7 +455,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
         "train_seconds": sum(r["seconds"] for r in rows) + cache_seconds,
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-        "threads": torch.get_num_threads(), "seed": t.seed, "classes": list(data.classes),
+        "threads": torch.get_num_threads(), "update_threads": tuner.many if tuner else torch.get_num_threads(),
+        "seed": t.seed, "classes": list(data.classes),
         "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
         "steps": step, "phases": phase_log, "resumed": resume is not None,
         "training_step": " then ".join(dict.fromkeys(p.get("training_step", "autograd") for p in phase_log)),

@@ -207,6 +207,35 @@ def test_training_natively_matches_autograd(make_cfg, tmp_path, overrides):
     assert fast["test_acc"] == pytest.approx(slow["test_acc"], abs=1e-3)
 
 
+class _Alternating:
+    """Stands in for ThreadTuner: the update on two threads at even steps, on one at odd steps."""
+
+    def __init__(self, many, steps, apply):
+        assert apply is None
+        self.many, self.current = many, 1
+
+    def before(self, j):
+        self.current = 2 if j % 2 == 0 else 1
+
+    def after(self, j):
+        pass
+
+
+def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch):
+    """The optimizer's update of the flat parameters may switch between the job's cores and one thread from step to
+    step (threads=auto), or run on the one thread asked for; the metrics are the same, the matrix products keep
+    one thread and the summary records both counts."""
+    import dnnlab.train
+
+    overrides = ("regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0", "trainer.batch_size=8")
+    monkeypatch.setattr(dnnlab.train, "core_share", lambda parallel_jobs=1: 2)
+    monkeypatch.setattr(dnnlab.train, "ThreadTuner", _Alternating)
+    auto = train(make_cfg(*overrides, "trainer.threads=auto"), tmp_path / "auto")
+    one = train(make_cfg(*overrides, "trainer.threads=1"), tmp_path / "one")
+    assert (auto["threads"], auto["update_threads"], one["threads"], one["update_threads"]) == (1, 2, 1, 1)
+    assert [r[:5] for r in rows(tmp_path / "auto")] == [r[:5] for r in rows(tmp_path / "one")]
+
+
 def test_native_training_is_reproducible(make_cfg, tmp_path):
     train(make_cfg("regularizer=dropout"), tmp_path / "a")
     train(make_cfg("regularizer=dropout"), tmp_path / "b")
