@@ -26,7 +26,8 @@ def run_epoch(tuner, clock, step_ms, steps=100) -> list[int]:
     return chosen
 
 
-def test_the_faster_count_is_kept_after_the_probe(clock):
+def test_the_faster_count_is_kept_after_the_probe(clock, monkeypatch):
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 2)  # a stack that starts on all cores
     applied = []
     tuner = ThreadTuner(2, 100, apply=applied.append)
     chosen = run_epoch(tuner, clock, lambda n, j: 1.0 if n == 2 else 1.5)
