@@ -115,7 +115,9 @@ def worker_dnnlab(args) -> dict:
                        "trainer.early_stopping.monitor=null", *args.override], Path(tmp) / "run")
         rows = [line.split(",") for line in (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()[1:]]
     return {"epoch_seconds": [float(r[-1]) for r in rows], "n_train": summary["n_train"], "n_val": summary["n_val"],
-            "threads": summary["threads"], "val_acc": float(rows[-1][4])}
+            "threads": summary["threads"], "val_acc": float(rows[-1][4]),
+            **({"note": f"Adam's update on up to {summary['update_threads']} threads"}
+               if summary["update_threads"] > summary["threads"] else {})}
 
 
 def worker_dataloader(args) -> dict:
@@ -342,7 +344,7 @@ def speed_table(args, data_root: Path, tmp: Path, rates: list[float], nproc: int
         rows.append({"contender": name, "s/epoch": round(per_epoch, 3),
                      "images/s": round(ok[0]["n_train"] / per_epoch), "peak RSS MB": round(max(r["peak_rss_mb"] for r in ok)),
                      "x dnnlab": round(per_epoch / base, 2), "val acc": round(ok[-1]["val_acc"], 4),
-                     "threads": ok[-1].get("threads", ""), "note": ok[-1].get("backend", "")})
+                     "threads": ok[-1].get("threads", ""), "note": ok[-1].get("backend", ok[-1].get("note", ""))})
     first = next((r for rs in results.values() for r in rs if "error" not in r), None)
     n_train, n_val = (first["n_train"], first["n_val"]) if first else (0, 0)
     flops = flops_per_epoch(n_train, n_val)
