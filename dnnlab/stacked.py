@@ -43,9 +43,11 @@ device and the host reads them once per epoch.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import operator
 import statistics
 import time
 from contextlib import nullcontext
@@ -198,6 +200,25 @@ class Job:
         self.active, self.final_state, self.lr = True, None, cfg.optimizer.lr
 
 
+def job_major(stacked: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The values of per-layer stacked tensors (each jobs x ...) in one new flat tensor, job after job (a job's
+    tensors adjacent, in the order given), and views of it shaped and indexed like `stacked`, each job's slice
+    contiguous. A run of adjacent jobs is then one range of the flat tensor: one fused Adam call, where the
+    layer-major layout needed one per tensor (the kernel's per-tensor cost is most of its time here)."""
+    jobs = stacked[0].shape[0]
+    per_job = sum(t.shape[1:].numel() for t in stacked)
+    flat = stacked[0].new_empty(jobs * per_job)
+    views, offset = [], 0
+    for t in stacked:
+        inner = t.shape[1:]
+        strides = tuple(itertools.accumulate(reversed(inner[1:]), operator.mul, initial=1))[::-1]
+        view = flat.as_strided((jobs, *inner), (per_job, *strides), offset)
+        view.copy_(t)
+        views.append(view)
+        offset += inner.numel()
+    return flat, views
+
+
 class Stack:
     """The stacked weights of the active jobs and the batched forward pass."""
 
@@ -208,18 +229,22 @@ class Stack:
         self.keys = [(f"{n}.weight", f"{n}.bias") for n in names]  # the job's own state_dict keys
         self.n_layers = len(names)
         with torch.no_grad():  # (J, fan_in, fan_out): x @ W, Keras' kernel layout, the fastest for baddbmm
-            self.weights = [torch.stack([lin[i].weight.t() for lin in linears]).contiguous().requires_grad_()
-                            for i in range(self.n_layers)]
-            self.biases = [torch.stack([lin[i].bias for lin in linears]).contiguous().requires_grad_()
-                           for i in range(self.n_layers)]
+            self.weights = [torch.stack([lin[i].weight.t() for lin in linears]) for i in range(self.n_layers)]
+            self.biases = [torch.stack([lin[i].bias for lin in linears]) for i in range(self.n_layers)]
         self.jobs = jobs
         self._buffers()
 
     def _buffers(self) -> None:
-        """Gradients (written by _Layer's backward or the C++ step, read by the rules and the optimizers), the
-        weights as plain tensors (for the C++ step) and the batch buffer."""
-        self.grad_w = [torch.zeros_like(w, requires_grad=False) for w in self.weights]
-        self.grad_b = [torch.zeros_like(b, requires_grad=False) for b in self.biases]
+        """The weights and biases moved into one job-major flat tensor (job_major), gradients laid out the same
+        way (written by _Layer's backward or the C++ step, read by the rules and the optimizers), the weights as
+        plain tensors (for the C++ step) and the batch buffer."""
+        with torch.no_grad():
+            self.flat_params, views = job_major(self.params())
+            self.flat_grads, grads = job_major([torch.zeros_like(v) for v in views])
+        self.weights = [v.detach().requires_grad_() for v in views[0::2]]
+        self.biases = [v.detach().requires_grad_() for v in views[1::2]]
+        self.grad_w, self.grad_b = grads[0::2], grads[1::2]
+        self.per_job = sum(p.shape[1:].numel() for p in self.params())
         self.plain = [w.detach() for w in self.weights], [b.detach() for b in self.biases]
         self.batch = None
 
@@ -250,9 +275,8 @@ class Stack:
 
     def keep(self, positions: list[int]) -> None:
         """Drop every job but those at `positions` from the stack."""
-        with torch.no_grad():
-            self.weights = [w.detach()[positions].clone().requires_grad_() for w in self.weights]
-            self.biases = [b.detach()[positions].clone().requires_grad_() for b in self.biases]
+        self.weights = [w.detach()[positions] for w in self.weights]
+        self.biases = [b.detach()[positions] for b in self.biases]
         self.jobs = [self.jobs[k] for k in positions]
         self._buffers()
 
@@ -399,11 +423,12 @@ class _Stepper:
     """Each job's own optimizer (`build_optimizer`, its config) over its slices of the stack.
 
     Fused Adam/AdamW, dnnlab's default, runs as torch's fused kernel called directly: once every job's optimizer
-    has taken its first step (which creates the state as torch does), their moment estimates move into stacked
-    tensors, with each optimizer's state pointing at its own slice, and one kernel call updates every run of
-    adjacent jobs whose hyperparameters are equal at this step (all of them in a seed sweep; the kernel works
-    element by element, so this equals one call per job, and spreads over the cores). Other optimizers step one
-    job at a time through optimizer.step()."""
+    has taken its first step (which creates the state as torch does), their moment estimates move into flat
+    tensors laid out like the stack's parameters (job_major), with each optimizer's state pointing at its own
+    slices, and one kernel call over one range updates every run of adjacent jobs whose hyperparameters are equal
+    at this step (all of them in a seed sweep; the kernel works element by element, so this equals one call per
+    job up to the rounding of its vectorised and scalar loops, and spreads over the cores). Other optimizers step
+    one job at a time through optimizer.step()."""
 
     def __init__(self, jobs: list[Job], stack: Stack, device):
         self.device = device
@@ -411,8 +436,7 @@ class _Stepper:
 
     def build(self, jobs, stack, carry):
         self.params, self.grads = stack.job_params(), stack.job_grads()
-        self.stacked_params = [p.detach() for p in stack.params()]
-        self.stacked_grads = stack.grads()
+        self.flat_params, self.flat_grads, self.per_job = stack.flat_params, stack.flat_grads, stack.per_job
         new = []
         for k, job in enumerate(jobs):
             opt = build_optimizer(job.cfg.optimizer, self.params[k], self.device, lr=job.cfg.optimizer.lr)
@@ -427,18 +451,20 @@ class _Stepper:
         self.build(jobs, stack, carry=[self.optimizers[k] for k in positions])
 
     def _stack_state(self):
-        """The optimizers' moment estimates as stacked tensors (each optimizer keeps views of its slices), and
-        one step counter (every job of a stack has taken the same number of steps)."""
+        """The optimizers' moment estimates as job-major flat tensors (each optimizer keeps views of its slices),
+        and one step counter (every job of a stack has taken the same number of steps)."""
         states = [[opt.state[p] for p in params] for opt, params in zip(self.optimizers, self.params)]
         if any(len(s) == 0 for job in states for s in job):
             return None  # not every optimizer has stepped yet
-        moments = {name: [torch.stack([job[i][name] for job in states]) for i in range(len(states[0]))]
-                   for name in ("exp_avg", "exp_avg_sq")}
+        flats, views = {}, {}
+        for name in ("exp_avg", "exp_avg_sq"):
+            flats[name], views[name] = job_major([torch.stack([job[i][name] for job in states])
+                                                  for i in range(len(states[0]))])
         step = states[0][0]["step"].clone()
         for k, job in enumerate(states):
             for i, s in enumerate(job):
-                s["exp_avg"], s["exp_avg_sq"], s["step"] = moments["exp_avg"][i][k], moments["exp_avg_sq"][i][k], step
-        return moments["exp_avg"], moments["exp_avg_sq"], step
+                s["exp_avg"], s["exp_avg_sq"], s["step"] = views["exp_avg"][i][k], views["exp_avg_sq"][i][k], step
+        return flats["exp_avg"], flats["exp_avg_sq"], step
 
     def step(self, stack: Stack) -> None:
         if self.slab is None:
@@ -453,7 +479,6 @@ class _Stepper:
             return
         exp_avgs, exp_avg_sqs, step = self.slab
         step.add_(1)
-        steps = [step] * len(exp_avgs)
         groups = [opt.param_groups[0] for opt in self.optimizers]
         keys = [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g.get("decoupled_weight_decay", False),
                  g["maximize"]) for g in groups]
@@ -463,10 +488,10 @@ class _Stepper:
             while b < n and keys[b] == keys[a]:
                 b += 1
             tensors = self.runs.get((a, b))
-            if tensors is None:  # the slices of this run of jobs, kept until the stack changes
-                tensors = self.runs[a, b] = [[t[a:b] for t in ts] if (a, b) != (0, n) else ts for ts in (
-                    self.stacked_params, self.stacked_grads, exp_avgs, exp_avg_sqs)]
-            fused_adam_(*tensors, steps, groups[a])
+            if tensors is None:  # the ranges of this run of jobs, kept until the stack changes
+                tensors = self.runs[a, b] = [[flat[a * self.per_job:b * self.per_job]] for flat in (
+                    self.flat_params, self.flat_grads, exp_avgs, exp_avg_sqs)]
+            fused_adam_(*tensors, [step], groups[a])
             a = b
 
     def state_dict(self, k: int, kernels: set[int]) -> dict:
