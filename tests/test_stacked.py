@@ -15,8 +15,8 @@ import torch
 
 from dnnlab import checkpoint, native
 from dnnlab.model import build_mlp
-from dnnlab.optim import build_optimizer
-from dnnlab.stacked import plan, train_group, why_not
+from dnnlab.optim import build_optimizer, span
+from dnnlab.stacked import job_major, plan, train_group, why_not
 from dnnlab.train import evaluate, train
 
 # Every per-job setting a stack must keep apart. Each job differs from the default network in these overrides.
@@ -327,3 +327,14 @@ def test_trainer_native_true_refuses_a_stack_it_cannot_take_before_any_file(make
     with pytest.raises(DnnlabError, match="trainer.precision=bf16"):
         train_group(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_job_major_keeps_the_values_and_puts_each_jobs_tensors_side_by_side():
+    stacked = [torch.randn(3, 4, 5), torch.randn(3, 5), torch.randn(3, 5, 2), torch.randn(3, 2)]
+    flat, views = job_major(stacked)
+    per_job = 20 + 5 + 10 + 2
+    assert flat.numel() == 3 * per_job and all(torch.equal(v, t) for v, t in zip(views, stacked))
+    for k in range(3):  # job k's tensors tile its own range, in order: one run of jobs is one range
+        assert span([v[k] for v in views]).data_ptr() == flat[k * per_job:].data_ptr()
+        assert torch.equal(span([v[k] for v in views]), flat[k * per_job:(k + 1) * per_job])
+    assert job_major([torch.zeros(0, 4, 5), torch.zeros(0, 5)])[0].numel() == 0  # every job finished
