@@ -1,8 +1,8 @@
 """The native training step: a plain MLP's forward, loss and backward pass in one C++ call (csrc/mlp_step.cpp).
 
 At batch 32 the arithmetic of the default network takes about a quarter of an autograd step on the CPU; the rest
-is autograd's graph and Python's per-operation overhead. The C++ step runs the same ATen kernels without either,
-which halves a default epoch. It is built once per machine and torch version by torch.utils.cpp_extension (about
+is autograd's graph and Python's per-operation overhead. The C++ step runs autograd's activation kernels and
+MKL's matrix products without either (and without ATen's overhead per product), which halves a default epoch. It is built once per machine and torch version by torch.utils.cpp_extension (about
 10 s; `dnnlab.native` run as a script builds it ahead, as scripts/install.sh does) and is used where it computes
 what autograd would: see `plan` for the networks it takes. Elsewhere, or where no C++ compiler is available,
 training takes the autograd path. The same library holds the step of a stacked sweep (dnnlab::stack_step, used by

@@ -80,6 +80,23 @@ def test_step_computes_what_autograd_computes(name, dropout):
     assert loss_sum.item() == pytest.approx(expected_sum, rel=1e-6) and correct.item() == expected_hits
 
 
+def test_weights_stored_transposed_take_atens_products_and_give_the_same_gradients():
+    """The step calls MKL's sgemm directly on contiguous tensors; other layouts go through ATen's mm."""
+    x_all, y_all = data()
+    ref, net = mlp(dropout=0.2), mlp(dropout=0.2)
+    for lin in (m for m in net.modules() if isinstance(m, nn.Linear)):
+        lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t())  # same values, (1, out) strides
+        assert not lin.weight.is_contiguous()
+    plan, _ = native.plan(net)
+    step = native.NativeStep(plan, x_all, y_all, torch.zeros(()), torch.zeros((), dtype=torch.long))
+    idx = torch.arange(40)
+    torch.manual_seed(3)
+    loss, _ = autograd_step(ref, x_all[idx], y_all[idx])
+    torch.manual_seed(3)
+    assert step(idx) == pytest.approx(loss, rel=1e-6)
+    assert_same_grads(ref, net)
+
+
 def stack_of(nets):
     """The jobs' layers as dnnlab.stacked keeps them: (jobs x in x out) weights, (jobs x out) biases, and gradients."""
     layers = list(zip(*([m for m in net.modules() if isinstance(m, nn.Linear)] for net in nets)))

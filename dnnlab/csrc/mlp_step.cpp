@@ -1,10 +1,12 @@
 // dnnlab::mlp_step: one training step of a plain multilayer perceptron on the CPU, in one call from Python.
 //
 // The forward pass, the cross-entropy and the backward pass of [dropout] (Linear -> activation [-> dropout])* ->
-// Linear, using the same ATen kernels autograd would run (addmm, elu/elu_backward, dropout's bernoulli mask, ...),
-// but without autograd's graph, its per-node bookkeeping and Python's per-operation overhead, which together cost
-// more than the arithmetic at batch 32. The weight and bias gradients are written into preallocated tensors (the
-// parameters' .grad), so any torch optimizer can take the step afterwards.
+// Linear: the activations and dropout's masks with the ATen kernels autograd would run (elu/elu_backward, bernoulli,
+// ...), the matrix products with the MKL routine ATen's would call (sgemm), but without autograd's graph, its
+// per-node bookkeeping, ATen's per-call overhead and Python's per-operation overhead, which together cost more than
+// the arithmetic at batch 32. The numbers equal autograd's up to float rounding (tested). The weight and bias
+// gradients are written into preallocated tensors (the parameters' .grad), so any torch optimizer can take the
+// step afterwards.
 //
 // dnnlab::stack_step: the same step for a stack of jobs of one shape (a stacked sweep), each job on its own thread.
 //
@@ -33,7 +35,6 @@
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/softplus.h>
 #include <ATen/ops/softplus_backward.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
@@ -47,6 +48,12 @@
 // MKL's per-thread thread count (mkl_set_num_threads_local in mkl_service.h; exported by libtorch_cpu where torch
 // uses MKL; weak: null elsewhere).
 extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
+// The Fortran BLAS product that ATen's float32 addmm and mm call where torch uses MKL (exported by libtorch_cpu
+// there; weak: null elsewhere).
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                                             const int* k, const float* alpha, const float* a, const int* lda,
+                                             const float* b, const int* ldb, const float* beta, float* c,
+                                             const int* ldc);
 
 namespace {
 
@@ -146,6 +153,58 @@ struct Layers {
   bool in_by_out;
 };
 
+// out = op(a) @ op(b), or out += op(a) @ op(b) with accumulate, where op(a) is a or, with ta, a's transpose (b
+// likewise). On contiguous tensors with MKL, its sgemm is called directly, as ATen's addmm and mm call it, but
+// without the dispatcher, checks and allocations of each ATen call, which at batch 32 cost as much as the arithmetic
+// of a 100 x 100 layer; elsewhere, through ATen.
+void matmul(at::Tensor& out, const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, bool accumulate) {
+  if (!sgemm_ || !out.is_contiguous() || !a.is_contiguous() || !b.is_contiguous()) {
+    const at::Tensor a_ = ta ? a.t() : a, b_ = tb ? b.t() : b;
+    if (accumulate)
+      out.addmm_(a_, b_);
+    else
+      at::mm_out(out, a_, b_);
+    return;
+  }
+  // row-major out (m x n) = op(a) @ op(b) is column-major out^T = op(b)^T @ op(a)^T
+  const int m = out.size(0), n = out.size(1), k = ta ? a.size(0) : a.size(1), lda = ta ? m : k, ldb = tb ? k : n;
+  const float one = 1, beta = accumulate ? 1 : 0;
+  sgemm_(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, b.const_data_ptr<float>(), &ldb, a.const_data_ptr<float>(),
+         &lda, &beta, out.mutable_data_ptr<float>(), &n);
+}
+
+// Every row of the contiguous matrix out set to the vector v.
+void rows_of(at::Tensor& out, const at::Tensor& v) {
+  TORCH_CHECK(out.is_contiguous() && v.is_contiguous() && out.size(1) == v.numel(), "dnnlab: contiguous biases");
+  const int64_t n = v.numel();
+  const float* vp = v.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < out.size(0); ++i) std::copy(vp, vp + n, op + i * n);
+}
+
+// out (rows x n) = zt^T + the bias b in every row, for contiguous out, zt (n x rows) and b.
+void transpose_plus(at::Tensor& out, const at::Tensor& zt, const at::Tensor& b) {
+  TORCH_CHECK(out.is_contiguous() && zt.is_contiguous() && b.is_contiguous(), "dnnlab: contiguous biases");
+  const int64_t rows = out.size(0), n = out.size(1);
+  const float* zp = zt.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) op[i * n + j] = zp[j * rows + i] + bp[j];
+}
+
+// out[j] = the sum of the contiguous matrix g's column j, row after row (a bias's gradient; an ATen sum costs more
+// in overhead than the 3,200 additions of a 32 x 100 batch).
+void column_sums(at::Tensor& out, const at::Tensor& g) {
+  TORCH_CHECK(out.is_contiguous() && g.is_contiguous() && out.numel() == g.size(1), "dnnlab: contiguous gradients");
+  const int64_t rows = g.size(0), n = g.size(1);
+  const float* gp = g.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  std::copy(gp, gp + n, op);
+  for (int64_t i = 1; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) op[j] += gp[i * n + j];
+}
+
 // Forward pass, mean cross-entropy and backward pass of the batch x (B x features) with labels y, the gradients
 // written into the Layers' gradient tensors. masks[l]: the scaled dropout mask of layer l's input, or undefined.
 double run(const at::Tensor& x, const at::Tensor& y, const Layers& net, Act act, at::ArrayRef<double> act_args,
@@ -158,7 +217,15 @@ double run(const at::Tensor& x, const at::Tensor& y, const Layers& net, Act act,
   for (int64_t l = 0; l < L; ++l) {
     if (masks[l].defined()) h = at::mul(h, masks[l]);
     inputs[l] = h;
-    pre[l] = at::addmm(net.biases[l], h, t ? net.kernels[l] : net.kernels[l].t());
+    pre[l] = at::empty({h.size(0), net.biases[l].size(0)}, h.options());
+    if (t) {
+      rows_of(pre[l], net.biases[l]);  // the bias in every row, then += the product, as addmm computes it
+      matmul(pre[l], h, false, net.kernels[l], false, true);
+    } else {  // MKL's kernels for W @ h^T beat those for h @ W^T, the transposition included (41 against 59 us)
+      at::Tensor zt = at::empty({pre[l].size(1), pre[l].size(0)}, h.options());
+      matmul(zt, net.kernels[l], false, h, true, false);
+      transpose_plus(pre[l], zt, net.biases[l]);
+    }
     if (l < L - 1) h = post[l] = forward(act, pre[l], act_args);
   }
 
@@ -168,12 +235,13 @@ double run(const at::Tensor& x, const at::Tensor& y, const Layers& net, Act act,
   for (int64_t l = L - 1; l >= net.first; --l) {
     at::Tensor gw = net.kernel_grads[l - net.first], gb = net.bias_grads[l - net.first];
     if (t)
-      at::mm_out(gw, inputs[l].t(), g);
+      matmul(gw, inputs[l], true, g, false, false);
     else
-      at::mm_out(gw, g.t(), inputs[l]);
-    at::sum_out(gb, g, at::IntArrayRef{0});
+      matmul(gw, g, true, inputs[l], false, false);
+    column_sums(gb, g);
     if (l == net.first) break;
-    at::Tensor gh = at::mm(g, t ? net.kernels[l].t() : net.kernels[l]);
+    at::Tensor gh = at::empty({g.size(0), net.kernels[l].size(t ? 0 : 1)}, g.options());
+    matmul(gh, g, false, net.kernels[l], t, false);
     if (masks[l].defined()) gh = at::mul(gh, masks[l]);
     g = backward(act, gh, pre[l - 1], post[l - 1], act_args);
   }
