@@ -70,49 +70,87 @@ def pack_parameters_(params: list[nn.Parameter]) -> None:
 
 
 def direct_step(optimizer: torch.optim.Optimizer, tuner=None):
-    """A function doing `optimizer.step()`. For fused Adam/AdamW it calls the fused kernel directly, from the step
-    after the one that created the state, on cached lists of the parameters and their state, which skips the
-    step's per-call Python bookkeeping: about 0.2 ms, a sixth of a default autograd training step on the CPU. The
-    optimizer still owns the state (state_dict, checkpoints), and the learning rate and betas a schedule writes into
-    param_groups are read at every step, so the updates are exactly those of optimizer.step().
+    """A function doing `optimizer.step()`: a DirectStep for fused Adam/AdamW, else optimizer.step itself."""
+    return DirectStep(optimizer, tuner) if fusable(optimizer) else optimizer.step
+
+
+class DirectStep:
+    """`optimizer.step()` for fused Adam/AdamW: the fused kernel called directly, from the step after the one that
+    created the state, on cached lists of the parameters and their state, which skips the step's per-call Python
+    bookkeeping: about 0.2 ms, a sixth of a default autograd training step on the CPU. The optimizer still owns the
+    state (state_dict, checkpoints), and the learning rate and betas a schedule writes into param_groups are read at
+    every step, so the updates are exactly those of optimizer.step().
     Where the parameters and their gradients each tile one flat tensor (pack_parameters_; the C++ step's
     gradients), the moment estimates move into flat tensors too and one call updates everything, on the threads
     that `tuner` (a dnnlab.threads.ThreadTuner, which times these calls) chooses, else on torch's: the kernel
     works element by element, so the thread count changes its speed only. On a default network's 119,405
-    parameters, 2 threads can take half the time of 1, while its matrix products are as fast on one."""
-    if not fusable(optimizer):
-        return optimizer.step
-    group = optimizer.param_groups[0]
-    params = group["params"]
-    kernel_args, calls = None, 0
+    parameters, 2 threads can take half the time of 1, while its matrix products are as fast on one. The C++
+    training step can take the same update itself (`flat`, `hyperparameters`, `threads`, `done`)."""
 
-    def step() -> None:
-        nonlocal kernel_args, calls
-        grads = [p.grad for p in params]
+    def __init__(self, optimizer: torch.optim.Optimizer, tuner=None):
+        self.optimizer, self.tuner = optimizer, tuner
+        self.group = optimizer.param_groups[0]
+        self.params = self.group["params"]
+        self.kernel_args = None
+        self.calls = 0  # flat updates this epoch: the tuner's step number
+
+    def ready(self) -> bool:
+        """Whether the kernel's arguments fit the current gradients (rebuilt when the gradients changed); False until
+        torch's own first step has created the state."""
+        grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
-            return optimizer.step()
-        if kernel_args is None or kernel_args[0] and not all(map(operator.is_, grads, kernel_args[0])):
-            states = [optimizer.state.get(p) for p in params]
+            return False
+        if self.kernel_args is None or self.kernel_args[0] and not all(map(operator.is_, grads, self.kernel_args[0])):
+            states = [self.optimizer.state.get(p) for p in self.params]
             if not all(states):
-                return optimizer.step()  # torch's own first step creates the state
-            kernel_args = _kernel_args(params, grads, states)
-        flat_grads, counts, tensors = kernel_args
+                return False
+            self.kernel_args = _kernel_args(self.params, grads, states)
+        return True
+
+    def __call__(self) -> None:
+        if not self.ready():
+            return self.optimizer.step()
+        flat_grads, counts, tensors = self.kernel_args
         counts.add_(1)
         if not flat_grads:
-            return fused_adam_(tensors[0], grads, *tensors[1:], group)
-        if tuner is None:
-            return fused_adam_(*tensors, group)
-        tuner.before(calls)
-        before = torch.get_num_threads()
-        torch.set_num_threads(tuner.current)
+            return fused_adam_(tensors[0], [p.grad for p in self.params], *tensors[1:], self.group)
+        if self.tuner is None:
+            return fused_adam_(*tensors, self.group)
+        threads, before = self.threads(), torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
-            fused_adam_(*tensors, group)
+            fused_adam_(*tensors, self.group)
         finally:
             torch.set_num_threads(before)
-        tuner.after(calls)
-        calls += 1
+        self.done()
 
-    return step
+    def flat(self) -> list[torch.Tensor] | None:
+        """[params, grads, exp_avg, exp_avg_sq, step counters], each one flat tensor, for an update taken elsewhere
+        (which counts the step in every counter); None until ready, or where the tensors are not flat."""
+        if not self.ready() or not self.kernel_args[0]:
+            return None
+        _, counts, ((params,), (grads,), (exp_avg,), (exp_avg_sq,), _) = self.kernel_args
+        return [params, grads, exp_avg, exp_avg_sq, counts]
+
+    def hyperparameters(self) -> list[float]:
+        """lr, beta1, beta2, weight_decay, eps, decoupled (AdamW), maximize: the group's, as they are now."""
+        g = self.group
+        beta1, beta2 = g["betas"]
+        return [float(v) for v in (g["lr"], beta1, beta2, g["weight_decay"], g["eps"],
+                                   bool(g.get("decoupled_weight_decay")), g["maximize"])]
+
+    def threads(self) -> int:
+        """The threads of the next flat update (the tuner's choice, else torch's); `done` follows the update."""
+        if self.tuner is None:
+            return torch.get_num_threads()
+        self.tuner.before(self.calls)
+        return self.tuner.current
+
+    def done(self, seconds: float | None = None) -> None:
+        """The flat update that `threads` began is done, taking `seconds` (else the tuner's clock tells)."""
+        if self.tuner is not None:
+            self.tuner.after(self.calls, seconds)
+        self.calls += 1
 
 
 def _kernel_args(params: list, grads: list, states: list) -> tuple:
@@ -161,8 +199,13 @@ class GradientRules:
         self.max_norm = reg.get("max_norm")
         self.constrained = [m.weight for m in hidden_linears(model) if m.weight.requires_grad]
 
+    @property
+    def change_gradients(self) -> bool:
+        """Whether before_step does anything (then the optimizer's update cannot follow the backward pass at once)."""
+        return bool(self.l2 or self.l1 or self.clip_value is not None or self.clip_norm is not None)
+
     def before_step(self) -> None:
-        if not (self.l2 or self.l1 or self.clip_value is not None or self.clip_norm is not None):
+        if not self.change_gradients:
             return
         with torch.no_grad():  # the penalties change the gradients in place; autograd must not record that
             if self.l2:

@@ -22,7 +22,7 @@ class ThreadTuner:
     1, 3, 7, then 15 epochs (on one thread), so that a busy machine pays for few of them.
     `before(j)` and `after(j)` wrap the j-th timed piece of work of an epoch (j = 0 starts one): a stack's whole
     step, whose thread count `apply` (torch.set_num_threads) sets, or a single job's optimizer update, which reads
-    `current` (apply=None). The log records the probes."""
+    `current` (apply=None) and may be timed inside the C++ step. The log records the probes."""
 
     def __init__(self, many: int, steps_per_epoch: int, apply: Callable[[int], None] | None = torch.set_num_threads,
                  probe: int = 8, skip: int = 2, window: int = 10, abort: float = 5.0):
@@ -70,10 +70,12 @@ class ThreadTuner:
             self._use(self.many)
         self.start = time.perf_counter()
 
-    def after(self, j: int) -> None:
+    def after(self, j: int, elapsed: float | None = None) -> None:
+        """`elapsed`: the work's seconds where it timed itself (else the time since `before`)."""
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
+        if elapsed is None:
+            elapsed = time.perf_counter() - self.start
         if self.probing:
             if j % self.probe >= self.skip:  # the first steps after a switch are slower either way
                 self.times[1 if j < self.probe else self.many].append(elapsed)

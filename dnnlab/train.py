@@ -24,7 +24,7 @@ from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import build_mlp, flat_forward, widths
-from dnnlab.optim import GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
+from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, read_metrics, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.threads import ThreadTuner
@@ -157,7 +157,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     weights keep it so).
     `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
     records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first);
-    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass done in one C++ call;
+    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass (and mostly the update) done
+    in one C++ call;
     `tuner` chooses the threads of the optimizer's update (see update_tuner)."""
     device = x_all.device
     check_every_step = device.type == "cpu"
@@ -172,17 +173,20 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
     first_step = step - position["i"]
     net.train()
-    native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct) if native_plan else None
     optimizer_step = direct_step(optimizer, tuner)
+    native_step = None
+    if native_plan:  # the C++ step also takes a flat fused update where nothing changes the gradients before it
+        update = optimizer_step if isinstance(optimizer_step, DirectStep) and not rules.change_gradients else None
+        native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct, update)
     for i in range(position["i"], steps):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
+        idx, updated = perm[i * batch_size:(i + 1) * batch_size], False
         lr, momentum = schedule.lr(step), schedule.momentum(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if momentum is not None:
             set_momentum(optimizer, momentum)
         if native_step:  # forward, loss, backward into the parameters' .grad, and the sums, in one C++ call
-            loss = native_step(idx)
+            loss, updated = native_step(idx)
         else:
             x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
             if diag:
@@ -198,8 +202,9 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
             loss = loss.detach()
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
-        rules.before_step()
-        optimizer_step()
+        if not updated:
+            rules.before_step()
+            optimizer_step()
         rules.after_step()
         if diag:
             diag.after_step(offset + step)  # the update includes max-norm's rescaling

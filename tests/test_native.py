@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnlab import native
+from dnnlab import native, optim
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
 from dnnlab.train import train
@@ -74,7 +75,7 @@ def test_step_computes_what_autograd_computes(name, dropout):
         torch.manual_seed(10 + k)  # dropout draws from the global generator: the same masks in both
         loss, hits = autograd_step(ref, x_all[idx], y_all[idx])
         torch.manual_seed(10 + k)
-        assert step(idx) == pytest.approx(loss, rel=1e-6)
+        assert step(idx) == (pytest.approx(loss, rel=1e-6), False)  # (no optimizer: no update)
         assert_same_grads(ref, net)
         expected_sum, expected_hits = expected_sum + loss * 32, expected_hits + hits
     assert loss_sum.item() == pytest.approx(expected_sum, rel=1e-6) and correct.item() == expected_hits
@@ -93,8 +94,42 @@ def test_weights_stored_transposed_take_atens_products_and_give_the_same_gradien
     torch.manual_seed(3)
     loss, _ = autograd_step(ref, x_all[idx], y_all[idx])
     torch.manual_seed(3)
-    assert step(idx) == pytest.approx(loss, rel=1e-6)
+    assert step(idx)[0] == pytest.approx(loss, rel=1e-6)
     assert_same_grads(ref, net)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("adam,kwargs", [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.01}),
+                                         (torch.optim.AdamW, {"weight_decay": 0.01}),
+                                         (torch.optim.Adam, {"maximize": True})])
+def test_the_update_in_the_step_is_torchs_fused_update_bit_for_bit(adam, kwargs, threads):
+    """The C++ step's Adam/AdamW update against torch's fused kernel on the same flat tensors (optim.DirectStep),
+    with what schedules and momentum cycling change between steps (beta1 once below 0.5), 32,847 parameters (not a whole number of
+    16-float vectors) and the update on one thread or two: the same parameters, moments and step counts."""
+    x_all, y_all = data()
+    runs = []
+    for in_step in (False, True):
+        net = mlp(dropout=0.2)
+        params = list(net.parameters())
+        optim.pack_parameters_(params)
+        opt = adam(params, lr=0.01, eps=1e-7, fused=True, **kwargs)
+        direct = optim.DirectStep(opt, SimpleNamespace(current=threads, before=lambda j: None,
+                                                        after=lambda j, elapsed=None: None))
+        step = native.NativeStep(native.plan(net)[0], x_all, y_all, torch.zeros(()), torch.zeros((), dtype=torch.long),
+                                 direct if in_step else None)
+        updated = []
+        for k in range(5):
+            beta1 = 0.3 if k == 3 else 0.9 - 0.01 * k  # (torch's lerp takes another formula below 0.5)
+            opt.param_groups[0]["lr"], opt.param_groups[0]["betas"] = 0.01 / (k + 1), (beta1, 0.999)
+            torch.manual_seed(k)  # the same dropout masks
+            loss, done = step(torch.randperm(len(x_all), generator=torch.Generator().manual_seed(k))[:32])
+            if not done:
+                direct()
+            updated.append(done)
+        assert updated == [False] + [in_step] * 4  # torch's own first step creates the state
+        state = opt.state_dict()["state"]
+        runs.append([p.detach() for p in params] + [state[i][k] for i in state for k in ("step", "exp_avg", "exp_avg_sq")])
+    assert sum(p.numel() for p in params) % 16 and all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def stack_of(nets):
@@ -225,32 +260,39 @@ def test_training_natively_matches_autograd(make_cfg, tmp_path, overrides):
 
 
 class _Alternating:
-    """Stands in for ThreadTuner: the update on two threads at even steps, on one at odd steps."""
+    """Stands in for ThreadTuner: the update on two threads at even steps, on one at odd steps. Keeps the seconds
+    that an update timed itself (the C++ step's) reports."""
 
     def __init__(self, many, steps, apply):
         assert apply is None
-        self.many, self.current = many, 1
+        self.many, self.current, self.timed = many, 1, []
 
     def before(self, j):
         self.current = 2 if j % 2 == 0 else 1
 
-    def after(self, j):
-        pass
+    def after(self, j, elapsed=None):
+        if elapsed is not None:
+            self.timed.append(elapsed)
 
 
-def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides,in_cpp", [
+    (["+regularizer.max_norm=1.0", "optimizer=adamw", "optimizer.weight_decay=0.01"], True),
+    (["regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0"], False)])
+def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch, overrides, in_cpp):
     """The optimizer's update of the flat parameters may switch between the job's cores and one thread from step to
     step (threads=auto), or run on the one thread asked for; the metrics are the same, the matrix products keep
-    one thread and the summary records both counts."""
+    one thread and the summary records both counts. The update runs in the C++ step, which times it, unless
+    penalties or clipping change the gradients first."""
     import dnnlab.train
 
-    overrides = ("regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0", "trainer.batch_size=8")
+    tuners = []
     monkeypatch.setattr(dnnlab.train, "core_share", lambda parallel_jobs=1: 2)
-    monkeypatch.setattr(dnnlab.train, "ThreadTuner", _Alternating)
-    auto = train(make_cfg(*overrides, "trainer.threads=auto"), tmp_path / "auto")
-    one = train(make_cfg(*overrides, "trainer.threads=1"), tmp_path / "one")
+    monkeypatch.setattr(dnnlab.train, "ThreadTuner", lambda *a, **k: tuners.append(_Alternating(*a, **k)) or tuners[-1])
+    auto = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=auto"), tmp_path / "auto")
+    one = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=1"), tmp_path / "one")
     assert (auto["threads"], auto["update_threads"], one["threads"], one["update_threads"]) == (1, 2, 1, 1)
     assert [r[:5] for r in rows(tmp_path / "auto")] == [r[:5] for r in rows(tmp_path / "one")]
+    assert len(tuners) == 1 and bool(tuners[0].timed) == in_cpp and all(t > 0 for t in tuners[0].timed)
 
 
 def test_native_training_is_reproducible(make_cfg, tmp_path):

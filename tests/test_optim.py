@@ -332,7 +332,7 @@ def test_regularizer_list_combines_max_norm_and_l1(make_cfg):
 
 def fixed_threads(n: int):
     """Stands in for a ThreadTuner that always chooses n threads."""
-    return SimpleNamespace(current=n, before=lambda j: None, after=lambda j: None)
+    return SimpleNamespace(current=n, before=lambda j: None, after=lambda j, elapsed=None: None)
 
 
 @pytest.fixture
