@@ -53,6 +53,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <tuple>
 #include <string>
 #include <vector>
@@ -426,26 +427,39 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
   std::vector<double> losses(J);
   float* sums = loss_sum.mutable_data_ptr<float>();
   int64_t* hit_counts = correct.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, J, 1, [&](int64_t begin, int64_t end) {
+  // Jobs handed out one at a time, not in fixed shares: a thread slowed down by another program (a core shared with
+  // other tenants) then does fewer jobs rather than hold the whole step up. Which thread runs a job does not change
+  // its numbers.
+  std::exception_ptr error;
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(at::get_num_threads(), J)))
+  {
     const OneMklThread one_mkl_thread;
-    for (int64_t k = begin; k < end; ++k) {
-      Layers net{{}, {}, {}, {}, 0, true};
-      std::vector<at::Tensor> job_masks(L);
-      for (int64_t l = 0; l < L; ++l) {
-        net.kernels.push_back(weights[l].select(0, k));
-        net.biases.push_back(biases[l].select(0, k));
-        net.kernel_grads.push_back(weight_grads[l].select(0, k));
-        net.bias_grads.push_back(bias_grads[l].select(0, k));
-        const std::optional<at::Tensor> mask = masks[l];
-        if (mask.has_value()) job_masks[l] = mask->select(0, k);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < J; ++k) {
+      try {
+        Layers net{{}, {}, {}, {}, 0, true};
+        std::vector<at::Tensor> job_masks(L);
+        for (int64_t l = 0; l < L; ++l) {
+          net.kernels.push_back(weights[l].select(0, k));
+          net.biases.push_back(biases[l].select(0, k));
+          net.kernel_grads.push_back(weight_grads[l].select(0, k));
+          net.bias_grads.push_back(bias_grads[l].select(0, k));
+          const std::optional<at::Tensor> mask = masks[l];
+          if (mask.has_value()) job_masks[l] = mask->select(0, k);
+        }
+        const at::Tensor rows = idx.select(0, k);
+        const at::Tensor x = at::index_select(x_all, 0, rows);
+        int64_t hits = 0;
+        losses[k] = run(x.view({x.size(0), -1}), at::index_select(y_all, 0, rows), net, act, act_args, job_masks,
+                        hits);
+        accumulate(sums + k, hit_counts + k, losses[k], rows.size(0), hits);
+      } catch (...) {
+#pragma omp critical
+        if (!error) error = std::current_exception();
       }
-      const at::Tensor rows = idx.select(0, k);
-      const at::Tensor x = at::index_select(x_all, 0, rows);
-      int64_t hits = 0;
-      losses[k] = run(x.view({x.size(0), -1}), at::index_select(y_all, 0, rows), net, act, act_args, job_masks, hits);
-      accumulate(sums + k, hit_counts + k, losses[k], rows.size(0), hits);
     }
-  });
+  }
+  if (error) std::rethrow_exception(error);
   return losses;
 }
 
