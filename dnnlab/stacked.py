@@ -30,9 +30,9 @@ Jobs that cannot be stacked (batch or layer norm, PReLU/RReLU, alpha dropout, tr
 diagnostics, resuming, a different network shape, data or batch size) are told apart by `plan()`; the
 `hydra/launcher=stacked` launcher runs them one at a time through the normal trainer.
 
-The step: on the CPU, every job's forward pass, loss and backward pass run in one C++ call (dnnlab::stack_step, see
-dnnlab/native.py), which spreads the jobs over the threads, each job on one thread with the kernels a single job
-uses; elsewhere (CUDA, bf16, trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per
+The step: on the CPU, every job's forward pass, loss and backward pass (and, for Adam without penalties or
+clipping, its update) run in one C++ call (dnnlab::stack_step, see dnnlab/native.py), which hands the jobs to the
+threads one at a time, each job on one thread with the kernels a single job uses; elsewhere (CUDA, bf16, trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per
 layer runs all J networks at once under autograd.
 
 Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
@@ -303,16 +303,18 @@ class Stack:
         return h
 
     def native_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor, dropout: _Dropout,
-                    loss_sum: torch.Tensor, correct: torch.Tensor) -> list[float]:
+                    loss_sum: torch.Tensor, correct: torch.Tensor, update: tuple[list, list] | None = None
+                    ) -> list[float]:
         """Every job's forward pass, loss and backward pass in one C++ call (dnnlab::stack_step, see
-        dnnlab/native.py), the gradients written into grad_w / grad_b, the jobs spread over the threads. Adds
-        the jobs' summed losses and hits to loss_sum and correct; returns their mean losses."""
+        dnnlab/native.py), the gradients written into grad_w / grad_b, the jobs spread over the threads; with
+        `update` (_Stepper.fused), each job's Adam update too. Adds the jobs' summed losses and hits to loss_sum
+        and correct; returns their mean losses."""
         weights, biases = self.plain
         shape = (len(self.jobs), idx.shape[1])
         masks = [dropout.mask(i, (*shape, w.shape[1]), x_all) for i, w in enumerate(weights)] if dropout.any \
             else [None] * self.n_layers
         return torch.ops.dnnlab.stack_step.default(x_all, y_all, idx, weights, biases, self.grad_w, self.grad_b,
-                                                   *self.kernel, masks, loss_sum, correct)
+                                                   *self.kernel, masks, loss_sum, correct, *(update or ([], [])))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,6 +353,7 @@ class _Rules:
         self.clip_value = column([o.get("clip_value") for o in opts], math.inf)
         self.clip_norm = column([o.get("clip_norm") for o in opts], math.inf)
         self.max_norm = column([r.get("max_norm") for r in regs], math.inf)
+        self.change_gradients = any(c is not None for c in (self.l1, self.l2, self.clip_value, self.clip_norm))
 
     def before_step(self, stack: Stack) -> None:
         weights = stack.grad_w
@@ -427,8 +430,10 @@ class _Stepper:
     tensors laid out like the stack's parameters (job_major), with each optimizer's state pointing at its own
     slices, and one kernel call over one range updates every run of adjacent jobs whose hyperparameters are equal
     at this step (all of them in a seed sweep; the kernel works element by element, so this equals one call per
-    job up to the rounding of its vectorised and scalar loops, and spreads over the cores). Other optimizers step
-    one job at a time through optimizer.step()."""
+    job up to the rounding of its vectorised and scalar loops, and spreads over the cores). Where nothing changes
+    the gradients first (no L1/L2 penalty, no clipping), the C++ stack step takes each job's update itself instead
+    (`fused`): fewer waits for the slowest thread on a busy machine, the gradients still in the cache. Other
+    optimizers step one job at a time through optimizer.step()."""
 
     def __init__(self, jobs: list[Job], stack: Stack, device):
         self.device = device
@@ -465,6 +470,23 @@ class _Stepper:
             for i, s in enumerate(job):
                 s["exp_avg"], s["exp_avg_sq"], s["step"] = views["exp_avg"][i][k], views["exp_avg_sq"][i][k], step
         return flats["exp_avg"], flats["exp_avg_sq"], step
+
+    def fused(self) -> tuple[list, list] | None:
+        """What the C++ stack step needs to take every job's Adam/AdamW update itself, right after the job's
+        backward pass on the job's thread (while its gradients are in the cache; the same arithmetic as a single
+        job's update): the flat tensors and step counter, and each job's hyperparameters at this step. None until
+        every optimizer has taken its first step, or for other optimizers."""
+        if self.slab is None:
+            self.slab = self._stack_state()
+        if not self.slab:
+            return None
+        exp_avgs, exp_avg_sqs, step = self.slab
+        adam = []
+        for opt in self.optimizers:
+            g = opt.param_groups[0]
+            adam += [g["lr"], *g["betas"], g["weight_decay"], g["eps"], bool(g.get("decoupled_weight_decay")),
+                     g["maximize"]]
+        return [self.flat_params, self.flat_grads, exp_avgs, exp_avg_sqs, step], [float(v) for v in adam]
 
     def step(self, stack: Stack) -> None:
         if self.slab is None:
@@ -659,8 +681,9 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                     idx = perms[:, i * bs:(i + 1) * bs]
                     b = idx.shape[1]
                     _set_lr(stack.jobs, stepper.optimizers, schedules, step)
+                    update = stepper.fused() if stack.kernel and not rules.change_gradients else None
                     if stack.kernel:
-                        losses = stack.native_step(data.x_train, data.y_train, idx, dropout, loss_sum, correct)
+                        losses = stack.native_step(data.x_train, data.y_train, idx, dropout, loss_sum, correct, update)
                     else:
                         x = stack.gather(data.x_train, idx)
                         y = data.y_train.index_select(0, idx.reshape(-1)).view(len(idx), b)
@@ -671,8 +694,9 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                         losses.sum().backward()  # _Layer writes the gradients into stack.grad_w / grad_b
                         loss_sum += losses.detach() * b
                         correct += (logits.argmax(-1) == y).sum(1)
-                    rules.before_step(stack)
-                    stepper.step(stack)
+                    if update is None:
+                        rules.before_step(stack)
+                        stepper.step(stack)
                     rules.after_step(stack)
                     step += 1
                     if tuner is not None:

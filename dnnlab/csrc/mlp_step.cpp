@@ -309,37 +309,48 @@ __attribute__((target("avx512f"))) void adam_avx512(float* p, float* m, float* v
   }
 }
 
-// update = [params, grads, exp_avg, exp_avg_sq, steps]: the flat tensors and every parameter's step counter (one
-// tensor; each counts one more step). The whole 16-float cache lines are split between `threads` threads, so the
-// numbers do not depend on the thread count; the last few elements go to torch's kernel, whose scalar loop's
-// arithmetic depends on how torch was compiled (as does everything without AVX-512).
-void adam_update(at::TensorList update, const Adam& a, int64_t threads) {
-  TORCH_CHECK(update.size() == 5, "dnnlab::mlp_step: update is [params, grads, exp_avg, exp_avg_sq, steps]");
-  const at::Tensor &param = update[0], &grad = update[1], &exp_avg = update[2], &exp_avg_sq = update[3];
-  at::Tensor steps = update[4];
-  for (const at::Tensor& t : {param, grad, exp_avg, exp_avg_sq})
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.numel() == param.numel(),
-                "dnnlab::mlp_step: contiguous float32 flat tensors of one size");
+// update = [params, grads, exp_avg, exp_avg_sq, steps]: flat tensors of `size` elements each (a stack's: one
+// job's range after another) and step counters (each counts one more step here). Returns the new step.
+double count_step(at::TensorList update, int64_t size) {
+  TORCH_CHECK(update.size() == 5, "dnnlab: update is [params, grads, exp_avg, exp_avg_sq, steps]");
+  for (int64_t i = 0; i < 4; ++i)
+    TORCH_CHECK(update[i].scalar_type() == at::kFloat && update[i].is_contiguous() && update[i].dim() == 1 &&
+                    update[i].numel() == size,
+                "dnnlab: the update's flat tensors are contiguous float32 tensors of ", size, " elements");
+  const at::Tensor& steps = update[4];
   TORCH_CHECK(steps.scalar_type() == at::kFloat && steps.is_contiguous() && steps.numel() > 0,
-              "dnnlab::mlp_step: float32 step counters");
+              "dnnlab: float32 step counters");
   float* counts = steps.mutable_data_ptr<float>();
   for (int64_t k = 0; k < steps.numel(); ++k) counts[k] += 1;
-  const int64_t n = param.numel(), lines = __builtin_cpu_supports("avx512f") ? n / 16 : 0, rest = lines * 16;
-  if (rest < n) {
-    const auto tail = [&](const at::Tensor& t) { return t.slice(0, rest, n); };
-    torch_adam(tail(param), tail(grad), tail(exp_avg), tail(exp_avg_sq), steps.select(0, 0), a);
+  return counts[0];
+}
+
+// The update of elements [begin, end) of the flat tensors. The whole 16-float cache lines are split between
+// `threads` threads (so the numbers do not depend on the thread count); the last few elements go to torch's kernel,
+// whose scalar loop's arithmetic depends on how torch was compiled (as does everything without AVX-512).
+void adam_range(at::TensorList update, int64_t begin, int64_t end, double step, const Adam& a, int64_t threads) {
+  const int64_t lines = __builtin_cpu_supports("avx512f") ? (end - begin) / 16 : 0, rest = begin + lines * 16;
+  if (rest < end) {
+    const auto tail = [&](int64_t i) { return update[i].slice(0, rest, end); };
+    torch_adam(tail(0), tail(1), tail(2), tail(3), update[4].view(-1).select(0, 0), a);
   }
   if (lines == 0) return;
-  float *p = param.mutable_data_ptr<float>(), *m = exp_avg.mutable_data_ptr<float>(),
-        *v = exp_avg_sq.mutable_data_ptr<float>();
-  const float* g = grad.const_data_ptr<float>();
-  const double step = counts[0];
+  float *p = update[0].mutable_data_ptr<float>() + begin, *m = update[2].mutable_data_ptr<float>() + begin,
+        *v = update[3].mutable_data_ptr<float>() + begin;
+  const float* g = update[1].const_data_ptr<float>() + begin;
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min(threads, lines)));
+  if (parts == 1) return adam_avx512(p, m, v, g, lines * 16, a, step);
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int part = 0; part < parts; ++part) {
-    const int64_t begin = lines * part / parts * 16, end = lines * (part + 1) / parts * 16;
-    adam_avx512(p + begin, m + begin, v + begin, g + begin, end - begin, a, step);
+    const int64_t first = lines * part / parts * 16, last = lines * (part + 1) / parts * 16;
+    adam_avx512(p + first, m + first, v + first, g + first, last - first, a, step);
   }
+}
+
+// adam: lr, beta1, beta2, weight_decay, eps, decoupled (AdamW), maximize, from `at` on.
+Adam hyperparameters(at::ArrayRef<double> adam, size_t at) {
+  TORCH_CHECK(adam.size() >= at + 7, "dnnlab: Adam's lr, beta1, beta2, weight_decay, eps, decoupled, maximize");
+  return {adam[at], adam[at + 1], adam[at + 2], adam[at + 3], adam[at + 4], adam[at + 5] != 0, adam[at + 6] != 0};
 }
 
 // The same float32 arithmetic as `loss_sum += loss * len(y)` in the autograd path.
@@ -361,8 +372,8 @@ void check_inputs(const at::Tensor& x_all, const at::Tensor& y_all, const at::Te
 // layers from `first_trainable` up. dropout[l]: the rate applied to layer l's input (0: none), its mask drawn from
 // the default generator as torch.nn.functional.dropout draws it on the CPU (bernoulli_(1 - p), divided by 1 - p),
 // so a seed draws the same masks as in the autograd path. Adds the batch's summed loss and its hits to loss_sum
-// and correct, as the autograd path's accumulation does. With a non-empty `update` (see adam_update; adam: lr,
-// beta1, beta2, weight_decay, eps, decoupled, maximize), the optimizer's update follows the backward pass, on
+// and correct, as the autograd path's accumulation does. With a non-empty `update` (see count_step; adam: see
+// hyperparameters), the optimizer's update follows the backward pass, on
 // `threads` threads (the products run on one). Returns the batch's mean loss and the update's seconds (0 without),
 // which dnnlab's thread chooser times.
 std::tuple<double, double> mlp_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& idx,
@@ -395,22 +406,23 @@ std::tuple<double, double> mlp_step(const at::Tensor& x_all, const at::Tensor& y
   const double loss = run(x, y, net, act, act_args, masks, hits);
   accumulate(loss_sum.mutable_data_ptr<float>(), correct.mutable_data_ptr<int64_t>(), loss, B, hits);
   if (update.empty()) return {loss, 0.0};
-  TORCH_CHECK(adam.size() == 7, "dnnlab::mlp_step: adam is lr, beta1, beta2, weight_decay, eps, decoupled, maximize");
   const auto start = std::chrono::steady_clock::now();
-  adam_update(update, {adam[0], adam[1], adam[2], adam[3], adam[4], adam[5] != 0, adam[6] != 0}, threads);
+  const int64_t n = update[0].numel();
+  adam_range(update, 0, n, count_step(update, n), hyperparameters(adam, 0), threads);
   return {loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
 }
 
 // The step of a stack of J networks of one shape (dnnlab/stacked.py): job k trains on x_all[idx[k]] with its slices
 // weights[l][k] (in x out), biases[l][k] and gradients, and masks[l][k] (J x B x in, or None: no dropout at layer l
 // for any job; drawn by the caller from each job's own generator). The jobs are independent, so they are spread
-// over the intra-op threads, each job's step running on one thread with the kernels a single job uses. Adds each
-// job's summed loss and hits to loss_sum[k] and correct[k]; returns the jobs' mean losses.
+// over the intra-op threads, each job's step (and its optimizer's update, with `update`) running on one thread with
+// the kernels a single job uses. Adds each job's summed loss and hits to loss_sum[k] and correct[k]; returns the
+// jobs' mean losses.
 std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all, const at::Tensor& idx,
                                at::TensorList weights, at::TensorList biases, at::TensorList weight_grads,
                                at::TensorList bias_grads, c10::string_view activation, at::ArrayRef<double> act_args,
                                const c10::List<std::optional<at::Tensor>>& masks, at::Tensor loss_sum,
-                               at::Tensor correct) {
+                               at::Tensor correct, at::TensorList update, at::ArrayRef<double> adam) {
   const int64_t L = weights.size(), J = idx.size(0);
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(weight_grads.size()) == L &&
                   static_cast<int64_t>(bias_grads.size()) == L && static_cast<int64_t>(masks.size()) == L,
@@ -424,6 +436,15 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
   check_inputs(x_all, y_all, loss_sum, correct);
   const Act act = parse(activation);
 
+  // With `update` (see count_step; the flat tensors hold the jobs' ranges one after another, and adam holds 7
+  // hyperparameters per job), each job's Adam update follows its backward pass, on its thread.
+  double step = 0;
+  int64_t per_job = 0;
+  if (!update.empty()) {
+    per_job = update[0].numel() / J;
+    step = count_step(update, per_job * J);
+    TORCH_CHECK(static_cast<int64_t>(adam.size()) == 7 * J, "dnnlab::stack_step: 7 hyperparameters per job");
+  }
   std::vector<double> losses(J);
   float* sums = loss_sum.mutable_data_ptr<float>();
   int64_t* hit_counts = correct.mutable_data_ptr<int64_t>();
@@ -453,6 +474,7 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
         losses[k] = run(x.view({x.size(0), -1}), at::index_select(y_all, 0, rows), net, act, act_args, job_masks,
                         hits);
         accumulate(sums + k, hit_counts + k, losses[k], rows.size(0), hits);
+        if (per_job) adam_range(update, k * per_job, (k + 1) * per_job, step, hyperparameters(adam, 7 * k), 1);
       } catch (...) {
 #pragma omp critical
         if (!error) error = std::current_exception();
@@ -472,7 +494,7 @@ TORCH_LIBRARY(dnnlab, m) {
         "float[] adam, int threads) -> (float, float)");
   m.def("stack_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor[] weights, Tensor[] biases, "
         "Tensor(a!)[] weight_grads, Tensor(b!)[] bias_grads, str activation, float[] act_args, Tensor?[] masks, "
-        "Tensor(c!) loss_sum, Tensor(d!) correct) -> float[]");
+        "Tensor(c!) loss_sum, Tensor(d!) correct, Tensor(e!)[] update, float[] adam) -> float[]");
   m.impl("mlp_step", c10::DispatchKey::CPU, &mlp_step);
   m.impl("stack_step", c10::DispatchKey::CPU, &stack_step);
 }
