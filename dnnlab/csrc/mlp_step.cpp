@@ -442,7 +442,7 @@ std::vector<double> stack_step(const at::Tensor& x_all, const at::Tensor& y_all,
   double step = 0;
   int64_t per_job = 0;
   if (!update.empty()) {
-    per_job = update[0].numel() / J;
+    for (int64_t l = 0; l < L; ++l) per_job += weights[l].size(1) * weights[l].size(2) + biases[l].size(1);
     step = count_step(update, per_job * J);
     TORCH_CHECK(static_cast<int64_t>(adam.size()) == 7 * J, "dnnlab::stack_step: 7 hyperparameters per job");
   }
