@@ -143,8 +143,8 @@ def _per_class(y: np.ndarray, n: int, rng: np.random.Generator, key: str) -> np.
 
 
 def load(cfg, device: torch.device) -> Splits:
-    """Read, split (the last val_size training images, or one of `folds` folds, for validation), filter classes,
-    subsample, standardize."""
+    """Read, split (the first or last val_size training images, or one of `folds` folds, for validation), filter
+    classes, subsample, standardize."""
     folder = locate(cfg.name, cfg.root)
     x_full, y_full = read_split(folder, "train")
     x_test, y_test = read_split(folder, "test")
@@ -155,7 +155,11 @@ def load(cfg, device: torch.device) -> Splits:
     else:
         if not 1 <= cfg.val_size < len(x_full):
             raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1}")
-        train_idx, val_idx = np.arange(len(x_full) - cfg.val_size), np.arange(len(x_full) - cfg.val_size, len(x_full))
+        # the 1st and 2nd editions validate on the first 5,000 images, the 3rd on the last (older configs: last)
+        val_first = cfg.get("val_from") == "first"
+        cut = cfg.val_size if val_first else len(x_full) - cfg.val_size
+        head, tail = np.arange(cut), np.arange(cut, len(x_full))
+        val_idx, train_idx = (head, tail) if val_first else (tail, head)
     parts = {"train": (x_full[train_idx], y_full[train_idx]), "val": (x_full[val_idx], y_full[val_idx]),
              "test": (x_test, y_test)}
 

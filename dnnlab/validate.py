@@ -75,6 +75,7 @@ RULES = {
     "data.n_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.val_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.val_size": (lambda v: integer(v) and 1 <= v < 60000, "an integer from 1 to 59999"),
+    "data.val_from": (one_of("first", "last"), "first or last (which training images validate)"),
     "data.folds": (optional(int_min(2)), "null or an integer >= 2 (k-fold cross-validation)"),
     "data.fold": (int_min(0), "an integer from 0 to data.folds - 1"),
     "data.standardize": (one_of("none", "global", "per_pixel"), "none, global or per_pixel"),

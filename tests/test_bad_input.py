@@ -47,6 +47,7 @@ CATALOGUE = [  # (overrides, what the line must contain)
     ("data.n_per_class=0", "data.n_per_class=0"),
     ("data.n_per_class=1000", "data.n_per_class=1000 is not allowed: at most"),
     ("data.val_size=600", "data.val_size=600 is not allowed: an integer from 1 to 599"),
+    ("data.val_from=middle", "data.val_from='middle' is not allowed: first or last"),
     ("data.folds=5 data.fold=5", "data.fold=5"),
     # names that are not options
     ("data.standardize=zscore", "data.standardize='zscore'"),

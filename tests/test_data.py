@@ -280,6 +280,16 @@ def test_val_split_is_the_last_val_size_training_images(tiny):
     assert s.source == str(tiny / "FashionMNIST" / "raw")
 
 
+def test_val_from_first_holds_out_the_first_val_size_training_images(tiny):
+    """The 1st and 2nd editions' split: X_train_full[:5000] validates, the rest trains, in file order."""
+    x, y = read_split(tiny / "FashionMNIST" / "raw", "train")
+    s = load(data_cfg(tiny, val_size=150, val_from="first"), CPU)
+    assert torch.equal(s.x_val, pixels(x[:150])) and s.y_val.tolist() == y[:150].tolist()
+    assert torch.equal(s.x_train, pixels(x[150:])) and s.y_train.tolist() == y[150:].tolist()
+    last = load(data_cfg(tiny, val_size=150, val_from="last"), CPU)
+    assert not torch.equal(last.x_val, s.x_val)
+
+
 def test_tensor_types_and_shapes(tiny):
     s = load(data_cfg(tiny), CPU)
     for x, y, n in ((s.x_train, s.y_train, 500), (s.x_val, s.y_val, 100), (s.x_test, s.y_test, 120)):
