@@ -66,7 +66,7 @@ from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.threads import ThreadTuner
-from dnnlab.train import EarlyStopping, evaluate, native_plan, pick_device, restrict, seed_everything
+from dnnlab.train import EarlyStopping, epoch_metrics, evaluate, native_plan, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805  # torch.nn.SELU's (Klambauer et al.)
@@ -796,18 +796,15 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
             curves: LearningCurves) -> dict:
     """The job's test evaluation (its own network, best weights restored) and summary, as `dnnlab train` does."""
     t, stopper, rows = job.t, job.stopper, job.rows
-    if stopper.best_state is not None and t.early_stopping.restore_best_weights:
-        model.load_state_dict(stopper.best_state)
+    if stopper.restores and stopper.best_state is not None:
+        stopper.restore(model)
     elif job.final_state is not None:  # the weights the job ended with
         model.load_state_dict(job.final_state)
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if job.status != "diverged" \
         else (math.nan, math.nan)
-    best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
     summary = {
         "status": job.status, "reason": job.reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
-        "best_epoch": stopper.best_epoch or None, "monitor": t.early_stopping.monitor,
-        "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
-        "test_acc": test_acc, "test_loss": test_loss,
+        **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,
         "train_seconds": sum(r["seconds"] for r in rows),
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),

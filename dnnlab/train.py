@@ -112,6 +112,8 @@ class EarlyStopping:
 
     def __init__(self, cfg: DictConfig):
         self.monitor, self.patience = cfg.monitor, cfg.patience
+        # as Keras: only early stopping restores the best weights; with it off a run ends with its last epoch's
+        self.restores = cfg.monitor is not None and cfg.restore_best_weights
         self.sign = -1 if self.monitor == "val_acc" else 1  # minimise val_loss, maximise val_acc
         self.best, self.best_epoch, self.bad_epochs, self.best_state = math.inf, 0, 0, None
 
@@ -136,6 +138,23 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.monitor is not None and self.bad_epochs > 0 and self.bad_epochs >= self.patience
+
+    def restore(self, model) -> None:
+        """The best epoch's weights back into `model`, where early stopping restores them."""
+        if self.restores and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def epoch_metrics(rows: list[dict], stopper: EarlyStopping) -> dict:
+    """The summary's per-epoch numbers: the best epoch's validation metrics (what early stopping and a sweeper
+    judge) beside the last epoch's (what a Keras fit log ends with), and which epoch's weights were tested."""
+    best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
+    last = rows[-1] if rows else {}
+    restored = stopper.restores and stopper.best_epoch
+    return {"best_epoch": stopper.best_epoch or None, "monitor": stopper.monitor,
+            "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
+            **{f"last_{key}": last.get(key) for key in ("val_acc", "val_loss", "train_acc", "train_loss")},
+            "test_epoch": (stopper.best_epoch if restored else len(rows)) or None}
 
 
 class Interrupted(Exception):
@@ -374,7 +393,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                 continue
             if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
                 if not resuming:
-                    model.load_state_dict(stopper.best_state)
+                    stopper.restore(model)
                     stopper.bad_epochs = 0
                 phase_log[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
             if resuming:
@@ -447,16 +466,12 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     if diag:
         diag.close()
 
-    if stopper.best_state is not None and t.early_stopping.restore_best_weights:
-        model.load_state_dict(stopper.best_state)
+    stopper.restore(model)
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) \
         if status in ("completed", "pruned") else (math.nan, math.nan)
-    best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
     summary = {
         "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
-        "best_epoch": stopper.best_epoch or None, "monitor": t.early_stopping.monitor,
-        "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
-        "test_acc": test_acc, "test_loss": test_loss,
+        **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,
         "train_seconds": sum(r["seconds"] for r in rows) + cache_seconds,
         "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),

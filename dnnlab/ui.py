@@ -55,8 +55,9 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title="dnnlab run", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    for key in ("status", "reason", "epochs", "best_epoch", "val_acc", "val_loss", "test_acc", "test_loss",
-                "train_seconds", "seconds_per_epoch", "n_params", "device", "threads"):
+    for key in ("status", "reason", "epochs", "best_epoch", "val_acc", "val_loss", "last_val_acc", "last_val_loss",
+                "test_epoch", "test_acc", "test_loss", "train_seconds", "seconds_per_epoch", "n_params", "device",
+                "threads"):
         if summary.get(key) is not None:
             table.add_row(key, _fmt(summary[key]))
     table.add_row("run dir", str(run_dir))

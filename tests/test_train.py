@@ -226,6 +226,31 @@ def test_test_metrics_use_the_restored_best_weights(make_cfg, tmp_path):
     data = load(cfg.data, torch.device("cpu"))
     loss, acc = evaluate(model, data.x_test, data.y_test, nullcontext())
     assert loss == pytest.approx(summary["test_loss"], rel=1e-6) and acc == summary["test_acc"]
+    assert summary["test_epoch"] == summary["best_epoch"]
+
+
+def test_without_early_stopping_the_last_epoch_is_reported_and_tested(make_cfg, tmp_path):
+    """As a Keras fit without callbacks: the final weights are tested, and the summary keeps the last epoch's
+    validation metrics beside the best epoch's."""
+    from contextlib import nullcontext
+
+    from dnnlab.data import load
+    from dnnlab.train import evaluate
+
+    cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.02", "trainer.early_stopping.monitor=null")
+    summary = train(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert summary["best_epoch"] < 5  # the rate makes later epochs worse: best and last differ
+    assert summary["test_epoch"] == summary["epochs"] == 5
+    assert summary["last_val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
+    assert summary["last_train_loss"] == pytest.approx(float(rows[-1]["train_loss"]))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert summary["best_epoch"] == int(best["epoch"]) and summary["val_acc"] == pytest.approx(float(best["val_acc"]))
+    model = build_mlp(cfg, 10)
+    model.load_state_dict(checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"])
+    data = load(cfg.data, torch.device("cpu"))
+    loss, acc = evaluate(model, data.x_test, data.y_test, nullcontext())
+    assert loss == pytest.approx(summary["test_loss"], rel=1e-6) and acc == summary["test_acc"]
 
 
 def test_the_task_returns_the_monitored_metric(make_cfg, tmp_path):
