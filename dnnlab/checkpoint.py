@@ -12,6 +12,7 @@ import torch
 from dnnlab.errors import DnnlabError, bad_value
 
 FORMAT = "dnnlab-checkpoint/1"
+RUN_HELP = "a run directory (the weights it ended with: checkpoints/final.pt, else best.pt, else last.pt) or a .pt file"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -40,14 +41,30 @@ def save(path: Path, state: dict) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def mark_final(checkpoints: Path, name: str) -> None:
+    """checkpoints/final.pt: the weights a finished run ended with and was tested with (best.pt where early
+    stopping restored them, else last.pt), as a hard link (a copy where the file system has none)."""
+    source, final = checkpoints / name, checkpoints / "final.pt"
+    tmp = final.with_name(f".final.pt.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, final)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(final, source.read_bytes())
+
+
 def find(path: str | Path, key: str = "run") -> Path:
-    """A checkpoint file, or a run directory's checkpoints/best.pt (else last.pt); `key` names the setting."""
+    """A checkpoint file, or a run directory's checkpoint: final.pt (the weights it ended with), else best.pt, else
+    last.pt (a run still under way); `key` names the setting."""
     found = Path(path).expanduser()
     if found.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in ("final.pt", "best.pt", "last.pt"):
             if (found / "checkpoints" / name).is_file():
                 return found / "checkpoints" / name
-        raise bad_value(key, str(path), "a run directory with checkpoints/best.pt or last.pt, or a .pt checkpoint")
+        raise bad_value(key, str(path), "a run directory with checkpoints/final.pt, best.pt or last.pt, or a .pt "
+                                        "checkpoint")
     if not found.is_file():
         raise bad_value(key, str(path), "an existing run directory or checkpoint file (this one does not exist)")
     return found

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from dnnlab import validate
+from dnnlab import checkpoint, validate
 from dnnlab.errors import DnnlabError
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
@@ -217,7 +217,7 @@ def evaluate_run(path: str | Path, out: Path | None = None, split_name: str = "t
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dnnlab eval", description="Test accuracy and loss, confusion matrix, "
                                      "per-class accuracy and MC dropout of a trained run or checkpoint.")
-    parser.add_argument("run", help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint")
+    parser.add_argument("run", help=checkpoint.RUN_HELP)
     parser.add_argument("--mc-samples", type=int, default=0, metavar="N",
                         help="MC dropout: average N passes with dropout on (0: off, the default)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"))

@@ -27,7 +27,7 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from dnnlab import validate
+from dnnlab import checkpoint, validate
 from dnnlab.errors import DnnlabError
 from dnnlab.record import write_json
 from dnnlab.runs import write_table
@@ -175,7 +175,7 @@ def print_table(rows: list[dict], title: str, batch_size: int) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dnnlab latency", description="Single-image and batched inference "
                                      "latency of a trained network, in fp32 and lower precisions.")
-    parser.add_argument("run", help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint")
+    parser.add_argument("run", help=checkpoint.RUN_HELP)
     parser.add_argument("--batch-size", type=int, default=256, help="images per batched call (256)")
     parser.add_argument("--repeats", type=int, default=300, help="timed single-image calls (batched: a tenth)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed calls first")

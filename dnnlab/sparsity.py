@@ -162,7 +162,7 @@ def _levels(text: str) -> list[float]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dnnlab prune", description="Sparsity of a trained network and accuracy "
                                      "against magnitude pruning.")
-    parser.add_argument("run", help="a run directory (its checkpoints/best.pt, else last.pt) or a .pt checkpoint")
+    parser.add_argument("run", help=checkpoint.RUN_HELP)
     parser.add_argument("--threshold", type=float, default=1e-3, help="|w| below this counts as sparse (1e-3)")
     parser.add_argument("--levels", type=_levels, default=list(LEVELS),
                         help="target sparsities, comma-separated (default " + ",".join(map(str, LEVELS)) + ")")

@@ -469,6 +469,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     stopper.restore(model)
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) \
         if status in ("completed", "pruned") else (math.nan, math.nan)
+    if status == "completed" and rows:
+        checkpoint.mark_final(run_dir / "checkpoints", "best.pt" if stopper.restores and stopper.best_epoch else "last.pt")
     summary = {
         "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
         **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,

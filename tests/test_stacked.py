@@ -132,7 +132,7 @@ def test_every_job_gets_the_files_of_a_normal_run(make_cfg, tmp_path):
     train(make_cfg("trainer.checkpoint_every=1", "trainer.seed=1"), tmp_path / "alone")
     normal = json.loads((tmp_path / "alone" / "summary.json").read_text())
     for cfg, d, s in zip(cfgs, dirs, summaries):
-        assert {p.name for p in (d / "checkpoints").iterdir()} == {"last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"}
+        assert {p.name for p in (d / "checkpoints").iterdir()} == {"last.pt", "best.pt", "final.pt", "epoch_1.pt", "epoch_2.pt"}
         assert (d / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list((d / "tensorboard").glob("events.out.tfevents.*"))
         assert json.loads((d / "environment.json").read_text())["device"] == "cpu"
@@ -187,7 +187,8 @@ def sweep(data_root, out: Path, *args, timeout=600) -> subprocess.CompletedProce
 
 
 NORMAL_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "metrics.csv",
-                "summary.json", "environment.json", "learning_curves.png", "checkpoints/last.pt", "checkpoints/best.pt"}
+                "summary.json", "environment.json", "learning_curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
+                "checkpoints/final.pt"}
 
 
 def test_stacked_launcher_sweep_equals_the_basic_launcher_sweep(data_root, tmp_path):

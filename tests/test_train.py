@@ -58,7 +58,7 @@ def test_run_writes_every_output(make_cfg, tmp_path):
     assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
-    assert names == {"last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"}
+    assert names == {"last.pt", "best.pt", "final.pt", "epoch_1.pt", "epoch_2.pt"}
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and "optimizer" in state and "lr: 0.001" in state["config"]
 
@@ -227,6 +227,8 @@ def test_test_metrics_use_the_restored_best_weights(make_cfg, tmp_path):
     loss, acc = evaluate(model, data.x_test, data.y_test, nullcontext())
     assert loss == pytest.approx(summary["test_loss"], rel=1e-6) and acc == summary["test_acc"]
     assert summary["test_epoch"] == summary["best_epoch"]
+    ckpts = tmp_path / "checkpoints"  # eval, latency, prune and transfer.source take the tested weights
+    assert checkpoint.find(tmp_path) == ckpts / "final.pt" and (ckpts / "final.pt").samefile(ckpts / "best.pt")
 
 
 def test_without_early_stopping_the_last_epoch_is_reported_and_tested(make_cfg, tmp_path):
@@ -247,10 +249,11 @@ def test_without_early_stopping_the_last_epoch_is_reported_and_tested(make_cfg, 
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert summary["best_epoch"] == int(best["epoch"]) and summary["val_acc"] == pytest.approx(float(best["val_acc"]))
     model = build_mlp(cfg, 10)
-    model.load_state_dict(checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"])
+    model.load_state_dict(checkpoint.load(checkpoint.find(tmp_path))["model"])  # final.pt: the last epoch's
     data = load(cfg.data, torch.device("cpu"))
     loss, acc = evaluate(model, data.x_test, data.y_test, nullcontext())
     assert loss == pytest.approx(summary["test_loss"], rel=1e-6) and acc == summary["test_acc"]
+    assert (tmp_path / "checkpoints" / "final.pt").samefile(tmp_path / "checkpoints" / "last.pt")
 
 
 def test_the_task_returns_the_monitored_metric(make_cfg, tmp_path):
