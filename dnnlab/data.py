@@ -172,6 +172,8 @@ def load(cfg, device: torch.device) -> Splits:
         n = {"train": cfg.n_per_class, "val": cfg.val_per_class}.get(split)
         if n is not None:
             keep = keep[_per_class(y[keep], n, rng, f"data.{'n' if split == 'train' else 'val'}_per_class")]
+        if split == "train" and cfg.get("n_train") is not None:
+            keep = keep[:cfg.n_train]
         if len(keep) == 0:
             raise bad_value("data.classes", classes, f"classes with examples in the {split} split")
         parts[split] = (x[keep], relabel[y[keep]])

@@ -290,6 +290,16 @@ def test_val_from_first_holds_out_the_first_val_size_training_images(tiny):
     assert not torch.equal(last.x_val, s.x_val)
 
 
+def test_n_train_keeps_the_first_n_training_images_of_the_chosen_classes(tiny):
+    """The notebooks' task B: X_train_B[:200], the first images of its classes in the files' order."""
+    x, y = read_split(tiny / "FashionMNIST" / "raw", "train")
+    s = load(data_cfg(tiny, classes=[5, 6], n_train=7), CPU)
+    first = np.flatnonzero(np.isin(y[:500], [5, 6]))[:7]
+    assert torch.equal(s.x_train, pixels(x[first])) and s.y_train.tolist() == [int(c == 6) for c in y[first]]
+    whole = load(data_cfg(tiny, classes=[5, 6]), CPU)
+    assert torch.equal(s.x_val, whole.x_val) and torch.equal(s.x_test, whole.x_test)  # only training is cut
+
+
 def test_tensor_types_and_shapes(tiny):
     s = load(data_cfg(tiny), CPU)
     for x, y, n in ((s.x_train, s.y_train, 500), (s.x_val, s.y_val, 100), (s.x_test, s.y_test, 120)):
