@@ -47,12 +47,15 @@ class Power(Schedule):
 
 
 class Exponential(Schedule):
-    def __init__(self, lr0, total_steps, steps_per_epoch, s: float = 20000):
+    """unit "step": t counts steps; "epoch": whole epochs, the rate set at each epoch's start (Keras'
+    LearningRateScheduler, as the book's exponential_decay_fn)."""
+
+    def __init__(self, lr0, total_steps, steps_per_epoch, s: float = 20000, unit: str = "step"):
         super().__init__(lr0, total_steps, steps_per_epoch)
-        self.s = s
+        self.s, self.unit = s, unit
 
     def lr(self, t):
-        return self.lr0 * 0.1 ** (t / self.s)
+        return self.lr0 * 0.1 ** ((t // self.steps_per_epoch if self.unit == "epoch" else t) / self.s)
 
 
 class Piecewise(Schedule):

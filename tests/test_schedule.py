@@ -61,6 +61,14 @@ def test_exponential(make_cfg, s):
     assert schedule.lr(s) == pytest.approx(LR0 / 10) and schedule.lr(2 * s) == pytest.approx(LR0 / 100)
 
 
+def test_exponential_by_epoch_holds_each_epochs_rate(make_cfg):
+    """The book's LearningRateScheduler(exponential_decay_fn): lr0 * 0.1^(epoch / s), set at each epoch's start."""
+    schedule = build(make_cfg, "exponential", "schedule.s=20", "schedule.unit=epoch", spe=SPE)
+    for epoch in (0, 1, 7, 20):
+        for t in (epoch * SPE, epoch * SPE + SPE - 1):
+            assert schedule.lr(t) == pytest.approx(LR0 * 0.1 ** (epoch / 20), rel=1e-12)
+
+
 def test_piecewise_boundaries_are_epochs_and_t_counts_steps(make_cfg):
     schedule = build(make_cfg, "piecewise", spe=SPE)  # boundaries [5, 15] epochs, values [0.01, 0.005, 0.001]
     assert type(schedule) is Piecewise
