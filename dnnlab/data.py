@@ -131,14 +131,15 @@ class Splits:
         return len(self.classes)
 
 
-def _per_class(y: np.ndarray, n: int, rng: np.random.Generator, key: str) -> np.ndarray:
-    """Indices of n examples of every class present, drawn without replacement, in their original order."""
+def _per_class(y: np.ndarray, n: int, rng: np.random.Generator | None, key: str) -> np.ndarray:
+    """Indices of n examples of every class present, in their original order: drawn without replacement, or the
+    first n of each class where rng is None."""
     picks = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if n > len(idx):
             raise bad_value(key, n, f"at most {len(idx)} (the examples of class {c} in this split)")
-        picks.append(rng.choice(idx, size=n, replace=False))
+        picks.append(idx[:n] if rng is None else rng.choice(idx, size=n, replace=False))
     return np.sort(np.concatenate(picks))
 
 
@@ -166,7 +167,7 @@ def load(cfg, device: torch.device) -> Splits:
     classes = list(cfg.classes) if cfg.classes is not None else list(range(10))
     relabel = np.full(10, -1, dtype=np.int64)
     relabel[classes] = np.arange(len(classes))
-    rng = np.random.default_rng(cfg.seed)
+    rng = None if cfg.get("draw") == "first" else np.random.default_rng(cfg.seed)
     for split, (x, y) in parts.items():
         keep = np.flatnonzero(relabel[y] >= 0)
         n = {"train": cfg.n_per_class, "val": cfg.val_per_class}.get(split)

@@ -74,6 +74,7 @@ RULES = {
                      "null or a list of at least 2 distinct digits 0-9, e.g. [0,1,2,3,4]"),
     "data.n_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.n_train": (optional(int_min(1)), "null or an integer >= 1"),
+    "data.draw": (one_of("random", "first"), "random or first (how n_per_class and val_per_class pick)"),
     "data.val_per_class": (optional(int_min(1)), "null or an integer >= 1"),
     "data.val_size": (lambda v: integer(v) and 1 <= v < 60000, "an integer from 1 to 59999"),
     "data.val_from": (one_of("first", "last"), "first or last (which training images validate)"),

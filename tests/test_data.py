@@ -354,6 +354,17 @@ def test_n_per_class_draws_exactly_n_reproducibly(tiny):
     assert not torch.equal(a.x_train, c.x_train) and torch.bincount(c.y_train).tolist() == [5] * 10
 
 
+def test_draw_first_takes_the_first_n_of_each_class_in_file_order(tiny):
+    """The 1st edition's sample_n_instances_per_class: the first n images of every class, whatever the seed."""
+    x, y = read_split(tiny / "FashionMNIST" / "raw", "train")
+    s = load(data_cfg(tiny, n_per_class=3, val_per_class=2, draw="first", seed=5), CPU)
+    first = np.sort(np.concatenate([np.flatnonzero(y[:500] == c)[:3] for c in range(10)]))
+    assert torch.equal(s.x_train, pixels(x[first])) and s.y_train.tolist() == y[first].tolist()
+    val = 500 + np.sort(np.concatenate([np.flatnonzero(y[500:] == c)[:2] for c in range(10)]))
+    assert torch.equal(s.x_val, pixels(x[val]))
+    assert torch.equal(s.x_train, load(data_cfg(tiny, n_per_class=3, draw="first", seed=6), CPU).x_train)
+
+
 def test_val_per_class_draws_exactly_n_from_the_validation_part(tiny):
     x, _ = read_split(tiny / "FashionMNIST" / "raw", "train")
     index = row_index(x)
