@@ -803,8 +803,7 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) if job.status != "diverged" \
         else (math.nan, math.nan)
     if job.status == "completed" and rows:
-        checkpoint.mark_final(job.run_dir / "checkpoints",
-                              "best.pt" if stopper.restores and stopper.best_epoch else "last.pt")
+        checkpoint.mark_final(job.run_dir / "checkpoints", stopper.final_checkpoint)
     summary = {
         "status": job.status, "reason": job.reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
         **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,

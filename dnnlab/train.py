@@ -139,6 +139,11 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.monitor is not None and self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
+    @property
+    def final_checkpoint(self) -> str:
+        """The checkpoint of the weights a run ends with (checkpoints/final.pt links to it)."""
+        return "best.pt" if self.restores and self.best_epoch else "last.pt"
+
     def restore(self, model) -> None:
         """The best epoch's weights back into `model`, where early stopping restores them."""
         if self.restores and self.best_state is not None:
@@ -470,7 +475,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) \
         if status in ("completed", "pruned") else (math.nan, math.nan)
     if status == "completed" and rows:
-        checkpoint.mark_final(run_dir / "checkpoints", "best.pt" if stopper.restores and stopper.best_epoch else "last.pt")
+        checkpoint.mark_final(run_dir / "checkpoints", stopper.final_checkpoint)
     summary = {
         "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
         **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,
