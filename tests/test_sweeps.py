@@ -51,10 +51,8 @@ def test_failed_and_diverged_jobs_are_recorded_and_the_sweep_goes_on(data_root, 
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("preset,jobs", [("book_optimizers", 9), ("compare_schedules", 7),
-                                         ("compare_activations", 12), ("book_batchnorm", 2),
-                                         ("compare_regularizers", 5), ("book_leaky_relu", 2), ("book_deep_selu", 2),
-                                         ("book_regularizers", 3)])
+@pytest.mark.parametrize("preset,jobs", [("compare_schedules", 7), ("compare_activations", 12),
+                                         ("compare_regularizers", 5), ("ed3/sgd,ed3/adam,ed2/bn_before", 3)])
 def test_comparison_presets_sweep_their_options(data_root, tmp_path, preset, jobs):
     done, out = sweep(data_root, tmp_path, f"experiment={preset}", "debug=smoke")
     assert done.returncode == 0, done.stderr
