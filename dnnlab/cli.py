@@ -24,7 +24,7 @@ COMMANDS = {
                 "RUN: single-image and batched inference latency in fp32, bf16, int8 (fp16 on CUDA)"),
     "report": ("dnnlab.report", "main", False, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
     "reproduce": ("dnnlab.reproduce", "main", False,
-                  "rerun chapter 11's experiments beside the book's numbers (--quick, --seeds, --only)"),
+                  "rerun every number chapter 11's notebooks print, beside the book's (--list, --only, --seeds)"),
     "bench": ("dnnlab.bench", "main", False,
               "time dnnlab against a DataLoader loop and Keras, stacked sweeps, cached transfer (--help)"),
     "data": ("dnnlab.cli", "data_command", False, "[NAME]: find (or download) mnist or fashion_mnist, print where"),

@@ -1,193 +1,381 @@
-"""Rerun the experiments of chapter 11 from dnnlab's presets and set dnnlab's numbers beside the book's.
+"""Rerun every number chapter 11's notebooks print, with each notebook's own setup, and set dnnlab's beside it.
 
-    python scripts/reproduce.py [--quick] [--seeds N] [--only NAME ...] [--out DIR] [-o key=value ...]
-    dnnlab reproduce ...
+    dnnlab reproduce [--list] [--only ID ...] [--seeds N | --seeds 7,8,9] [--out DIR] [-o key=value ...]
 
-Every row trains through `dnnlab train` (the presets in conf/experiment/book_*.yaml, mnist_0_4, transfer_5_9,
-compare_schedules), for several seeds (trainer.seed, and data.seed where it draws the data). Finished runs are not
-rerun: the command resumes where it stopped. Writes REPRODUCTION.md and REPRODUCTION.csv into --out: experiment,
-the book's setting and number, dnnlab's mean ± std, seconds, and a verdict (matches / better / worse: by more than
-the spread, at least half a point). --quick trains one seed on a few batches per epoch for one epoch: a smoke run
-of the whole pipeline, not a reproduction.
+A row is one printed number: its id (the preset conf/experiment/<id>.yaml that runs the cell's setup, with
+":what" where one run gives several numbers), the edition, the notebook cell that prints it, the metric and the
+number as printed. Every seed of every row is one `dnnlab train` job; they run as Hydra multiruns through the
+joblib launcher, two at a time (task B's jobs after task A's, each on the task-A run of its own seed). Finished
+runs are not trained again, so an interrupted report resumes. Writes REPRODUCTION.csv, REPRODUCTION.md and
+reproduction.png into --out. The verdict compares the book's number with dnnlab's seeds: "matches" inside the
+95 % prediction interval of one more seed, mean +- t * std * sqrt(1 + 1/n), never narrower than +-0.5 points;
+else "better" or "worse". Rows the notebooks print but dnnlab cannot rerun say why.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.record import pyplot, save_figure
-from dnnlab.runs import mean_spread, run, slug, write_table
+from dnnlab.runs import mean_spread, write_table
+
+NOTEBOOKS = {"ed1": "handson-ml/11_deep_learning.ipynb", "ed2": "handson-ml2/11_training_deep_neural_networks.ipynb",
+             "ed3": "handson-ml3/11_training_deep_neural_networks.ipynb"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    name: str
-    setting: str
-    book: float | None  # the book's number (a fraction); None where the book only plots
-    overrides: list[str]
-    metric: str = "val_acc"
-    kind: str = "train"  # train, mc_dropout (evaluate the row named by `of`), lr_find
-    of: str | None = None
-    needs: list[str] = field(default_factory=list)  # source runs: "task_a" or "mnist_0_4"
+    id: str               # "ed3/adam", or "ed3/dropout:test" where one run prints several numbers
+    cell: int             # the notebook cell (0-based index into its cells) that prints the number
+    metric: str           # a summary.json key, or eval:SPLIT (the restored network on SPLIT) or mc:N (MC dropout)
+    book: str             # the number exactly as the notebook prints it ("0.8396", "97.26%")
+    needs: str = ""       # a preset whose run of the same seed is this one's transfer.source
+    skip: str = ""        # why dnnlab does not rerun it
+
+    @property
+    def preset(self) -> str:
+        return self.id.split(":")[0]
+
+    @property
+    def edition(self) -> str:
+        return self.id.split("/")[0]
+
+    @property
+    def book_value(self) -> float:
+        return float(self.book[:-1]) / 100 if self.book.endswith("%") else float(self.book)
 
 
-OPTIMIZERS = {"sgd": 0.8672, "momentum": 0.8672, "nesterov": 0.8708, "adagrad": 0.8424, "rmsprop": 0.8636,
-              "adam": 0.8696, "adamax": 0.8780, "nadam": 0.8740, "adamw": 0.8702}
-TRANSFER_5_9 = [("5 frozen layers", [], 0.640), ("5 frozen layers, cached", ["transfer.cache=true"], 0.612),
-                ("reuse 4 layers", ["model.n_hidden=4"], 0.691),
-                ("unfreeze the top two", ["transfer.unfreeze_top=2"], 0.781),
-                ("unfreeze all", ["transfer.unfreeze_top=all"], 0.913), ("from scratch", ["transfer=none"], 0.848)]
+LAST, TEST = "last_val_acc", "test_acc"
+CIFAR10 = "exercise 8 trains on CIFAR-10 (32 x 32 colour images), which dnnlab does not load"
 ROWS = [
-    Row("Leaky ReLU (alpha 0.2)", "300-100, SGD 1e-3, 10 epochs", 0.8396, ["experiment=book_leaky_relu"]),
-    Row("PReLU", "300-100, SGD 1e-3, 10 epochs", 0.8398, ["experiment=book_leaky_relu", "activation=prelu"]),
-    Row("100 layers: SELU + LeCun", "standardized, SGD 1e-3, 5 epochs", 0.8218, ["experiment=book_deep_selu"]),
-    Row("100 layers: ReLU + He", "standardized, SGD 1e-3, 5 epochs", 0.7380,
-        ["experiment=book_deep_selu", "activation=relu"]),
-    Row("BN after the activations", "input BN, 300-100 ReLU, SGD, 10 epochs", 0.8750, ["experiment=book_batchnorm"]),
-    Row("BN before the activations (no bias)", "input BN, 300-100 ReLU, SGD, 10 epochs", 0.8660,
-        ["experiment=book_batchnorm", "norm.position=before"]),
-    *[Row(f"optimizer: {name}", "3 x 100 ReLU, lr 1e-3, epoch 10", book, ["experiment=book_optimizers",
-                                                                          f"optimizer={name}"])
-      for name, book in OPTIMIZERS.items()],
-    Row("1cycle (max lr 0.05)", "3 x 100 ReLU, SGD, batch 128, 25 epochs", 0.8934, ["experiment=book_1cycle"]),
-    Row("L2 0.01", "2 x 100 ReLU, Nadam, 2 epochs", 0.8382, ["experiment=book_regularizers"]),
-    Row("dropout 0.2", "2 x 100 ReLU, Nadam, 2 epochs", 0.8722,
-        ["experiment=book_regularizers", "regularizer=dropout", "regularizer.dropout.input=true"]),
-    Row("max-norm 1.0", "2 x 100 ReLU, Nadam, 2 epochs", 0.8662,
-        ["experiment=book_regularizers", "regularizer=max_norm"]),
-    Row("alpha dropout 0.2 + SELU", "300-100, Nesterov 0.01, 20 epochs (test)", 0.8639,
-        ["experiment=book_alpha_dropout"], metric="test_acc"),
-    Row("MC dropout, 100 samples", "the alpha-dropout model (test)", 0.8661, [], metric="test_acc",
-        kind="mc_dropout", of="alpha dropout 0.2 + SELU"),
-    Row("task B (sandal/shirt) from scratch", "200 images, SELU 300-100-50-50-50 (test)", 0.9705,
-        ["experiment=book_task_b", "transfer=none", "trainer.epochs=20"], metric="test_acc"),
-    Row("task B reusing task A", "4 epochs frozen, 16 unfrozen at 1e-4 (test)", 0.9940,
-        ["experiment=book_task_b"], metric="test_acc", needs=["task_a"]),
-    Row("MNIST 0-4 (exercise 8)", "5 x 100 ELU, He, Adam, early stopping (test)", 0.973,
-        ["experiment=mnist_0_4"], metric="test_acc"),
-    Row("MNIST 0-4 with batch norm", "exercise 8 with BN (test)", 0.994,
-        ["experiment=mnist_0_4", "norm=batchnorm"], metric="test_acc"),
-    *[Row(f"5-9, 100 per digit: {name}", "exercise 9 (test, digits 5-9)", book,
-          ["experiment=transfer_5_9", *over], metric="test_acc", needs=[] if "transfer=none" in over else ["mnist_0_4"])
-      for name, over, book in TRANSFER_5_9],
-    *[Row(f"schedule: {name}", "3 x 100 ReLU, momentum 0.01, batch 128, 20 epochs", None,
-          ["experiment=compare_schedules", f"schedule={name}"])
-      for name in ("constant", "power", "exponential", "piecewise", "performance", "1cycle", "cosine")],
-    Row("lr-find suggestion (that setting)", "compare_schedules' network", None,
-        ["experiment=compare_schedules"], metric="suggested_lr", kind="lr_find"),
+    Row("ed1/leaky_relu", 33, LAST, "0.9788"),
+    Row("ed1/selu", 53, LAST, "0.97", skip="the notebook's selu() swaps its two constants (slope 1.6733 for z >= 0, "
+                                          "cell 48); dnnlab's SELU is the real one"),
+    Row("ed1/batch_norm", 64, LAST, "0.9742", skip="batch norm on the output logits too; dnnlab normalises hidden "
+                                                  "layers only"),
+    Row("ed1/gradient_clipping", 80, LAST, "0.9612"),
+    Row("ed1/restore_and_continue", 102, LAST, "0.9712", skip="trains cell 80's whole network on, its output layer "
+                                                             "included; dnnlab's transfer starts a new output layer"),
+    Row("ed1/reuse_three_layers", 110, LAST, "0.9678", needs="ed1/gradient_clipping"),
+    Row("ed1/reuse_three_layers:python", 114, LAST, "0.9678", needs="ed1/gradient_clipping"),
+    Row("ed1/freeze_two_of_three", 130, LAST, "0.9602", skip="freezes the lower two of three reused layers; dnnlab "
+                                                            "freezes every reused layer or none"),
+    Row("ed1/freeze_two_of_three:cached", 139, LAST, "0.958",
+        skip="the same partial freeze as ed1/freeze_two_of_three"),
+    Row("ed1/lr_schedule", 155, LAST, "0.982"),
+    Row("ed1/l1_one_hidden", 164, LAST, "0.9052"),
+    Row("ed1/l1", 174, LAST, "0.9214"),
+    Row("ed1/dropout", 180, LAST, "0.972"),
+    Row("ed1/max_norm", 192, LAST, "0.9844", skip="tf.clip_by_norm(W, 1, axes=1) bounds each input unit's outgoing "
+                                                 "weights; dnnlab's max-norm (Keras') each unit's incoming weights"),
+    Row("ed1/ex8", 217, TEST, "97.26%"),
+    Row("ed1/ex8_tuned", 230, TEST, "0.9891029383148473"),
+    Row("ed1/ex8_rerun", 240, TEST, "0.9898812998637867"),
+    Row("ed1/ex8_rerun:train", 253, "eval:train", "0.9950781082816178"),
+    Row("ed1/ex8_batchnorm", 244, TEST, "0.9941622883829538"),
+    Row("ed1/ex8_batchnorm_search", 248, TEST, "0.9949406499318934",
+        skip="the best of a 50-candidate search (160 neurons, batch 10: about an hour a seed here)"),
+    Row("ed1/ex8_dropout", 258, TEST, "0.9861840825063242",
+        skip="dropout on each hidden layer's input (the pixels and hidden 1-4, not hidden 5's output); dnnlab drops "
+             "after the top k layers"),
+    Row("ed1/ex9_frozen", 281, TEST, "64.02%", skip="the new head starts from the source's trained output layer (the "
+                                                   "cell restores every variable after init); dnnlab starts a new one"),
+    Row("ed1/ex9_cached", 288, TEST, "61.16%", skip="the same restored head as ed1/ex9_frozen"),
+    Row("ed1/ex9_four_layers", 296, TEST, "69.10%", needs="ed1/ex8_tuned"),
+    Row("ed1/ex9_unfrozen", 301, TEST, "78.09%", needs="ed1/ex8_tuned"),
+    Row("ed1/ex9_all_unfrozen", 304, TEST, "91.34%", skip="a third phase (everything unfrozen after ed1/ex9_unfrozen); "
+                                                          "dnnlab's transfer has two"),
+    Row("ed1/ex9_scratch", 307, TEST, "0.8481793869574161"),
+    Row("ed1/ex10_pretrain", 356, "same-digit test accuracy", "0.9765",
+        skip="two separate (unshared) 5 x 100 stacks; dnnlab's same_digit pretraining shares one"),
+    Row("ed1/ex10_transfer", 362, TEST, "0.9654", skip="reuses ed1/ex10_pretrain's unshared stack"),
+    Row("ed1/ex10_scratch", 365, TEST, "0.9458"),
+    Row("ed2/leaky_relu", 23, LAST, "0.8396"),
+    Row("ed2/prelu", 27, LAST, "0.8398"),
+    Row("ed2/selu_100_layers", 48, LAST, "0.8218"),
+    Row("ed2/relu_100_layers", 53, LAST, "0.7380"),
+    Row("ed2/bn_after", 61, LAST, "0.8750"),
+    Row("ed2/bn_before", 65, LAST, "0.8660"),
+    Row("ed2/task_a", 81, LAST, "0.9200"),
+    Row("ed2/task_b_scratch", 85, LAST, "0.9716"),
+    Row("ed2/task_b_scratch:test", 93, TEST, "0.9705"),
+    Row("ed2/task_b_on_a", 91, LAST, "0.9878", needs="ed2/task_a"),
+    Row("ed2/task_b_on_a:test", 94, TEST, "0.9940", needs="ed2/task_a"),
+    Row("ed2/power", 117, LAST, "0.8924"),
+    Row("ed2/exponential_by_epoch", 124, LAST, "0.8928"),
+    Row("ed2/exponential_by_step", 129, LAST, "0.8880"),
+    Row("ed2/piecewise", 135, LAST, "0.8868"),
+    Row("ed2/performance", 139, LAST, "0.8936"),
+    Row("ed2/exponential", 142, LAST, "0.8904"),
+    Row("ed2/lr_finder", 149, "mean loss of the sweep", "nan", skip="the mean training loss over a sweep of rates up "
+                                                                   "to 10 (it diverges: nan); no number to compare"),
+    Row("ed2/1cycle", 151, LAST, "0.8934"),
+    Row("ed2/l2", 155, LAST, "0.8376"),
+    Row("ed2/l2:partial", 156, LAST, "0.8382"),
+    Row("ed2/dropout", 158, LAST, "0.8722"),
+    Row("ed2/alpha_dropout", 161, LAST, "0.8760"),
+    Row("ed2/alpha_dropout:test", 162, TEST, "0.8639"),
+    Row("ed2/alpha_dropout:train", 163, "eval:train", "0.8840"),
+    Row("ed2/mc_dropout", 173, "mc:100", "0.8661"),
+    Row("ed2/max_norm", 184, LAST, "0.8662"),
+    *[Row(f"ed2/ex8_cifar10_{name}", cell, metric, book, skip=CIFAR10) for name, cell, metric, book in (
+        ("elu", 202, "val_acc", "0.47620001435279846"), ("batchnorm", 206, "val_acc", "0.5397999882698059"),
+        ("selu", 210, "val_acc", "0.47920000553131104"), ("alpha_dropout", 213, "val_acc", "0.48899999260902405"),
+        ("mc_dropout", 222, "mc:10", "0.4892"), ("1cycle", 228, LAST, "0.5198"))],
+    Row("ed3/selu_100_layers", 37, LAST, "0.8046"),
+    Row("ed3/relu_100_layers", 42, LAST, "0.7054"),
+    Row("ed3/bn_after", 51, LAST, "0.8650"),
+    Row("ed3/bn_before", 55, LAST, "0.8646"),
+    Row("ed3/task_a", 63, LAST, "0.9027"),
+    Row("ed3/task_b_scratch", 64, TEST, "0.9185"),
+    Row("ed3/task_b_on_a", 74, TEST, "0.9385", needs="ed3/task_a"),
+    Row("ed3/sgd", 80, LAST, "0.8672"),
+    Row("ed3/momentum", 83, LAST, "0.8672"),
+    Row("ed3/nesterov", 86, LAST, "0.8708"),
+    Row("ed3/adagrad", 89, LAST, "0.8424"),
+    Row("ed3/rmsprop", 92, LAST, "0.8636"),
+    Row("ed3/adam", 95, LAST, "0.8696"),
+    Row("ed3/adamax", 98, LAST, "0.8780"),
+    Row("ed3/nadam", 101, LAST, "0.8740"),
+    Row("ed3/adamw", 105, LAST, "0.8702"),
+    Row("ed3/power", 113, LAST, "0.8714"),
+    Row("ed3/exponential", 118, LAST, "0.8662"),
+    Row("ed3/exponential_by_epoch", 124, LAST, "0.8812"),
+    Row("ed3/exponential_by_step", 130, LAST, "0.8802"),
+    Row("ed3/piecewise", 133, LAST, "0.8716"),
+    Row("ed3/piecewise_nadam", 138, LAST, "0.8770"),
+    Row("ed3/performance", 143, LAST, "0.8868"),
+    Row("ed3/lr_finder", 155, "mean loss of the sweep", "1.7725",
+        skip="the mean training loss over a sweep of rates from 1e-4 to 1 (mostly diverged); dnnlab lr-find "
+             "reports the curve and a suggested rate instead"),
+    Row("ed3/1cycle", 160, LAST, "0.8920"),
+    Row("ed3/l2", 167, LAST, "0.8182"),
+    Row("ed3/dropout", 171, LAST, "0.8732"),
+    Row("ed3/dropout:train", 173, "eval:train", "0.8849"),
+    Row("ed3/dropout:test", 174, TEST, "0.8700"),
+    Row("ed3/dropout:mc", 182, "mc:100", "0.8717"),
+    Row("ed3/max_norm", 190, LAST, "0.8578"),
+    *[Row(f"ed3/ex8_cifar10_{name}", cell, metric, book, skip=CIFAR10) for name, cell, metric, book in (
+        ("swish", 208, "val_acc", "0.4675999879837036"), ("batchnorm", 212, "val_acc", "0.5073999762535095"),
+        ("selu", 215, "val_acc", "0.5026000142097473"), ("alpha_dropout", 220, "val_acc", "0.498199999332428"),
+        ("mc_dropout", 229, "mc:10", "0.4984"), ("1cycle", 235, LAST, "0.5242"))],
 ]
-SOURCES = {"task_a": ["experiment=book_task_a"], "mnist_0_4": ["experiment=mnist_0_4"]}
-QUICK = ["trainer.epochs=1", "trainer.limit_batches=20"]
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # t(0.975, df = 1..10)
 
 
-def finished(run_dir: Path, name: str = "summary.json") -> dict | None:
-    """The summary of a run that already completed (so it is not trained again)."""
+def matches(row: Row, key: str) -> bool:
+    """--only KEY: a row's id or preset (ed3/dropout: all four of its numbers), or their start up to a / or _
+    (ed2: the 2nd edition; ed1/ex9: exercise 9's rows)."""
+    return key in (row.id, row.preset) or row.id.startswith((key + "/", key + "_"))
+
+
+def pick_rows(only: list[str] | None) -> list[Row]:
+    for key in only or []:
+        if not any(matches(r, key) for r in ROWS):
+            raise bad_value("--only", key, "a row id or its start, such as ed3, ed3/adam or ed3/dropout:mc "
+                                           "(dnnlab reproduce --list shows them)")
+    return [r for r in ROWS if not only or any(matches(r, key) for key in only)]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds 3 (seeds 0, 1, 2) or --seeds 7,8,9."""
     try:
-        summary = json.loads((run_dir / name).read_text())
+        seeds = list(range(int(text))) if "," not in text else [int(s) for s in text.split(",")]
+    except ValueError:
+        raise bad_value("--seeds", text, "a count such as 3, or seeds such as 7,8,9") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise bad_value("--seeds", text, "a count >= 1, or distinct seeds >= 0")
+    return seeds
+
+
+def run_dir(out: Path, preset: str, seed: int) -> Path:
+    return out / "runs" / preset / f"seed{seed}"
+
+
+def finished(path: Path, name: str = "summary.json") -> dict | None:
+    """The summary of a run that completed (so it is not trained again)."""
+    try:
+        summary = json.loads((path / name).read_text())
     except (OSError, ValueError):
         return None
     return summary if summary.get("status", "completed") == "completed" else None
 
 
-def train_once(overrides: list[str], run_dir: Path) -> dict:
-    return finished(run_dir) or run(overrides, run_dir)
+def multirun(presets: list[str], seeds: list[int], out: Path, extra: list[str], needs: str = "") -> None:
+    """Train presets x seeds as one Hydra multirun on the joblib launcher, each job in its row's folder."""
+    source = [f"transfer.source={out.resolve() / 'runs' / needs}/seed${{trainer.seed}}"] if needs else []
+    command = [sys.executable, "-m", "dnnlab", "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               f"experiment={','.join(presets)}", f"trainer.seed={','.join(map(str, seeds))}",
+               "data.seed=${trainer.seed}", f"hydra.sweep.dir={out.resolve() / 'runs'}",
+               "hydra.sweep.subdir=${hydra.runtime.choices.experiment}/seed${trainer.seed}",
+               "trainer.progress=false", *source, *extra]
+    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode not in (0, 1):  # 1: some job failed; its row says so
+        raise DnnlabError(f"dnnlab train -m ended with exit status {result.returncode}: {' '.join(command)}")
 
 
-def evaluate(row: Row, out: Path, seeds: int, common: list[str]) -> list[dict]:
-    """The runs of one row, each {metric value, seconds, epochs}."""
-    if row.kind == "mc_dropout":
+def train_missing(rows: list[Row], seeds: list[int], out: Path, extra: list[str]) -> None:
+    """Every run the rows need and do not have yet: sources first, then the rows that reuse them."""
+    wanted = {r.preset: r.needs for r in rows if not r.skip}
+    for preset, needs in list(wanted.items()):
+        if needs:
+            wanted.setdefault(needs, "")
+    for level in ("", "needs"):
+        groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+        for preset, needs in wanted.items():
+            if bool(needs) != bool(level):
+                continue
+            missing = tuple(s for s in seeds if not finished(run_dir(out, preset, s)))
+            if missing:
+                groups.setdefault((needs, missing), []).append(preset)
+        for (needs, missing), presets in groups.items():
+            multirun(presets, list(missing), out, extra, needs)
+
+
+def measure(row: Row, out: Path, seed: int) -> tuple[float | None, float | None]:
+    """(the row's number, train seconds) for one seed's run; None where the run did not complete."""
+    path = run_dir(out, row.preset, seed)
+    summary = finished(path)
+    if summary is None:
+        return None, None
+    seconds = summary.get("train_seconds")
+    if row.metric.startswith(("eval:", "mc:")):
         from dnnlab.evaluation import evaluate_run
 
-        found = []
-        for seed in range(seeds):
-            source = out / slug(row.of) / f"seed{seed}"
-            done = finished(source / "eval_mc", "eval.json") or \
-                evaluate_run(source, out=source / "eval_mc", mc_samples=100, quiet=True)
-            found.append({"value": done["mc"]["accuracy"], "seconds": None, "epochs": None})
-        return found
-    if row.kind == "lr_find":
-        from dnnlab.lr_find import lr_find
-        from dnnlab.runs import compose_config
-
-        run_dir = out / slug(row.name)
-        done = finished(run_dir, "lr_find.json") or lr_find(compose_config([*row.overrides, *common], "lr_find_app"),
-                                                             run_dir)
-        return [{"value": done["suggested_lr"], "seconds": None, "epochs": None}]
-    found = []
-    for seed in range(seeds):
-        sources = [f"transfer.source={out / 'sources' / need}" for need in row.needs]
-        summary = train_once([*row.overrides, *sources, f"trainer.seed={seed}", f"data.seed={seed}", *common],
-                             out / slug(row.name) / f"seed{seed}")
-        found.append({"value": summary.get(row.metric), "seconds": summary.get("train_seconds"),
-                      "epochs": summary.get("epochs")})
-    return found
+        kind, arg = row.metric.split(":")
+        split, samples = (arg, 0) if kind == "eval" else ("test", int(arg))
+        folder = path / f"eval_{row.metric.replace(':', '')}"
+        result = finished(folder, "eval.json") or evaluate_run(path, out=folder, split_name=split,
+                                                               mc_samples=samples, quiet=True)
+        return (result["mc"]["accuracy"] if samples else result["accuracy"]), seconds
+    value = summary.get(row.metric)
+    return (None if value is None or math.isnan(value) else float(value)), seconds
 
 
-def verdict(mean: float, spread: float, book: float | None, quick: bool) -> str:
-    if book is None:
-        return "no number in the book"
-    if quick:
-        return "not compared (quick run)"
-    tolerance = max(spread, 0.005)
-    if abs(mean - book) <= tolerance:
+def interval(values: list[float]) -> float:
+    """Half the width of the 95 % prediction interval of one more seed, mean +- t * std * sqrt(1 + 1/n), never
+    under half a point."""
+    n, std = len(values), mean_spread(values)[1]
+    t = T95[n - 2] if n - 2 < len(T95) else 1.96
+    return max(t * std * math.sqrt(1 + 1 / n), 0.005)
+
+
+def verdict(values: list[float], book: float) -> str:
+    """matches: the book's number is where one more seed could land; else better or worse."""
+    if len(values) < 2:
+        return "one seed: not compared"
+    mean = mean_spread(values)[0]
+    if abs(book - mean) <= interval(values):
         return "matches"
     return "better" if mean > book else "worse"
 
 
+def keras_twin(row: Row, out: Path, seeds: list[int]) -> str:
+    """The mean over seeds of scripts/keras_reference/run.py's number for this row, where it ran."""
+    found = [finished(run_dir(out, row.preset, s), "keras.json") for s in seeds]
+    values = [f[row.metric] for f in found if f and row.metric in f]
+    return f"{sum(values) / len(values):.4f} ({len(values)})" if values else ""
+
+
+def setting(path: Path) -> str:
+    """The run's setup in a few words, from its resolved config (so it cannot drift from the preset)."""
+    from omegaconf import OmegaConf
+
+    try:
+        c = OmegaConf.load(path / ".hydra" / "config.yaml")
+    except OSError:
+        return ""
+    d, m, o, t = c.data, c.model, c.optimizer, c.trainer
+    widths = list(m.n_neurons) if OmegaConf.is_list(m.n_neurons) else [m.n_neurons] * m.n_hidden
+    net = "-".join(map(str, widths)) if len(set(widths)) > 1 and len(widths) < 8 else \
+        f"{len(widths)} x {widths[-1]}" + (f" (first {widths[0]})" if widths[0] != widths[-1] else "")
+    init = {1.0: "LeCun" if c.init.mode == "fan_in" else "Glorot", 2.0: "He"}.get(c.init.scale, "scaled")
+    words = [f"{d.name} ({'first' if d.val_from == 'first' else 'last'} {d.val_size} validate"
+             + (", standardized" if d.standardize != "none" else "") + (f", {d.n_train} train" if d.n_train else "")
+             + (f", {d.n_per_class}/class" if d.n_per_class else "") + ")",
+             f"{net} {c.activation._target_.split('.')[-1]} {init} {c.init.distribution}"
+             + (f", BN {c.norm.position}" + (" + input" if c.norm.input else "") if c.norm.kind == "batch" else ""),
+             f"{o._target_.split('.')[-1]} {o.lr:g}" + (f" momentum {o.momentum:g}" if o.get("momentum") else ""),
+             c.schedule._target_.split(".")[-1].lower(),
+             *(f"{k} {v}" if not OmegaConf.is_dict(v) else f"{k} {v.rate}" + (" + input" if v.input else "")
+               for k, v in c.regularizer.items()),
+             f"batch {t.batch_size}, {t.epochs} epochs"
+             + (f", early stopping patience {t.early_stopping.patience}" if t.early_stopping.monitor else "")]
+    if c.transfer.get("reuse_layers") is not None:
+        frozen = f" {c.transfer.frozen_epochs} epochs" if c.transfer.frozen_epochs and c.transfer.unfreeze_top else ""
+        words.append(f"reuse {c.transfer.reuse_layers} layers" + (" frozen" + frozen if c.transfer.freeze else "")
+                     + (f", then unfreeze {c.transfer.unfreeze_top}" if c.transfer.unfreeze_top else ""))
+    return "; ".join(words)
+
+
+def table_row(row: Row, out: Path, seeds: list[int]) -> dict:
+    line = {"id": row.id, "edition": row.edition, "cell": row.cell, "metric": row.metric, "book": row.book,
+            "mean": "", "std": "", "seeds": 0, "verdict": f"not rerun: {row.skip}", "interval": "", "train s": "",
+            "keras": "", "setting": ""}
+    if row.skip:
+        return line
+    found = [measure(row, out, s) for s in seeds]
+    values = [v for v, _ in found if v is not None]
+    seconds = [s for _, s in found if s is not None]
+    line["setting"] = setting(run_dir(out, row.preset, seeds[0]))
+    if not values:
+        return {**line, "verdict": "no completed run"}
+    mean, std = mean_spread(values)
+    return {**line, "mean": f"{mean:.4f}", "std": f"{std:.4f}", "seeds": len(values),
+            "verdict": verdict(values, row.book_value), "interval": f"{interval(values):.4f}" if len(values) > 1 else "",
+            "train s": f"{mean_spread(seconds)[0]:.0f}" if seconds else "", "keras": keras_twin(row, out, seeds)}
+
+
+def list_rows() -> None:
+    """One line per row: id, edition, notebook cell, metric, the book's value as printed (and why not rerun)."""
+    for r in ROWS:
+        print(f"{r.id:34} {r.edition} {NOTEBOOKS[r.edition]} cell {r.cell:<4} {r.metric:13} {r.book}"
+              + (f"  (not rerun: {r.skip})" if r.skip else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch of a few batches: a smoke run")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these words")
+    parser = argparse.ArgumentParser(prog="dnnlab reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--only", nargs="+", metavar="ID", help="rows by id or its start: ed2, ed3/adam, ed1/ex9")
+    parser.add_argument("--seeds", default="3", type=parse_seeds, help="a count (3: seeds 0,1,2) or seeds: 7,8,9")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
-    parser.add_argument("-o", "--override", action="append", default=[], help="extra override for every run")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for every job (a test's tiny data, say)")
     args = parser.parse_args(argv)
-    seeds = 1 if args.quick else args.seeds
-    common = ["trainer.progress=false", *(QUICK if args.quick else []), *args.override]
-    rows = [r for r in ROWS if not args.only or any(word.lower() in r.name.lower() for word in args.only)]
-    for need in sorted({n for r in rows for n in r.needs}):
-        train_once([*SOURCES[need], "trainer.progress=false", *common], args.out / "sources" / need)
-
-    table, compared = [], []
-    for row in rows:
-        found = evaluate(row, args.out, seeds, common)
-        values = [f["value"] for f in found if f["value"] is not None]
-        mean, spread = mean_spread(values) if values else (float("nan"), 0.0)
-        seconds = [f["seconds"] for f in found if f["seconds"] is not None]
-        percent = row.metric != "suggested_lr"
-        if percent and row.book is not None:
-            compared.append((row.name, row.book, mean, spread))
-        table.append({
-            "experiment": row.name, "book's setting": row.setting,
-            "book": "" if row.book is None else f"{100 * row.book:.2f}",
-            "dnnlab": (f"{100 * mean:.2f} ± {100 * spread:.2f}" if percent else f"{mean:.3g}"),
-            "seeds": len(values), "metric": row.metric,
-            "train seconds": f"{mean_spread(seconds)[0]:.1f}" if seconds else "",
-            "verdict": verdict(mean, spread, row.book, args.quick) if percent else "no number in the book",
-        })
-    title = (f"Chapter 11 reproduced{' (quick smoke run, not comparable)' if args.quick else ''}: "
-             f"{seeds} seed(s), accuracies in %")
-    write_table(table, args.out / "REPRODUCTION", title)
-    if compared:
-        plot_comparison(compared, args.out / "reproduction.png")
+    if args.list:
+        return list_rows()
+    rows = pick_rows(args.only)
+    train_missing(rows, args.seeds, args.out, args.override)
+    results = [(r, table_row(r, args.out, args.seeds)) for r in rows]
+    table = [t for _, t in results]
+    write_table(table, args.out / "REPRODUCTION", f"Chapter 11's printed numbers rerun by dnnlab "
+                                                  f"(seeds {','.join(map(str, args.seeds))})")
+    plot_comparison([(r, t) for r, t in results if t["mean"]], args.out / "reproduction.png")
 
 
-def plot_comparison(compared: list[tuple[str, float, float, float]], path: Path) -> None:
-    """The book's number and dnnlab's (mean, with the spread as an error bar) for every compared row."""
+def plot_comparison(results: list[tuple[Row, dict]], path: Path) -> None:
+    """The book's number against dnnlab's mean (the std as an error bar), one line per row."""
+    if not results:
+        return
+    rows = [t for _, t in results]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(compared) + 1.2))
-    ys = range(len(compared))
-    ax.barh([y + 0.2 for y in ys], [100 * b for _, b, _, _ in compared], height=0.4, label="book", color="0.7")
-    ax.barh([y - 0.2 for y in ys], [100 * m for _, _, m, _ in compared], height=0.4, label="dnnlab",
-            xerr=[100 * s for *_, s in compared], color="tab:blue")
-    ax.set_yticks(list(ys), [name for name, *_ in compared], fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 0.26 * len(rows) + 1.2))
+    ys = range(len(rows))
+    ax.errorbar([100 * float(r["mean"]) for r in rows], list(ys), xerr=[100 * float(r["std"]) for r in rows],
+                fmt="o", color="tab:blue", label="dnnlab (mean, std)")
+    ax.scatter([100 * r.book_value for r, _ in results], list(ys), marker="x", color="black", label="book", zorder=3)
+    ax.set_yticks(list(ys), [f"{r['id']} ({r['verdict'].split(':')[0]})" for r in rows], fontsize=7)
     ax.invert_yaxis()
-    low = min(min(b, m) for _, b, m, _ in compared)
-    ax.set_xlim(max(0, 100 * low - 5), 100)
     ax.set_xlabel("accuracy (%)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
