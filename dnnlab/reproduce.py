@@ -8,8 +8,10 @@ number as printed. Every seed of every row is one `dnnlab train` job; they run a
 joblib launcher, two at a time (task B's jobs after task A's, each on the task-A run of its own seed). Finished
 runs are not trained again, so an interrupted report resumes. Writes REPRODUCTION.csv, REPRODUCTION.md and
 reproduction.png into --out. The verdict compares the book's number with dnnlab's seeds: "matches" inside the
-95 % prediction interval of one more seed, mean +- t * std * sqrt(1 + 1/n), never narrower than +-0.5 points;
-else "better" or "worse". Rows the notebooks print but dnnlab cannot rerun say why.
+95 % prediction interval of one more seed (the "interval" column: mean +- t * std * sqrt(1 + 1/n), never narrower
+than +-0.5 points), else "better" or "worse". "setting" sums up the run's resolved config; "keras" is the mean of
+scripts/keras_reference/run.py's Keras twins of the same runs, where they were made. Rows the notebooks print but
+dnnlab cannot rerun say why.
 """
 from __future__ import annotations
 

@@ -82,3 +82,20 @@ def test_a_reproduction_trains_each_seed_once_and_pairs_transfer_sources_by_seed
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed*/summary.json")}
     main(args)  # everything finished: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/seed*/summary.json")} == stamps
+
+
+def test_list_prints_one_line_per_row_id_first(capsys):
+    main(["--list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(ROWS)
+    for line, row in zip(lines, ROWS):
+        assert line.split()[:2] == [row.id, row.edition] and f"cell {row.cell} " in line and row.book in line
+        assert ("not rerun: " in line) == bool(row.skip)
+
+
+@pytest.mark.parametrize("preset", sorted({r.preset for r in ROWS if not r.skip}))
+def test_every_preset_composes_and_passes_the_command_line_checks(make_cfg, preset, tmp_path):
+    from dnnlab import validate
+
+    needs = {r.preset: r.needs for r in ROWS}[preset]
+    validate.check(make_cfg(f"experiment={preset}", *([f"transfer.source={tmp_path}"] if needs else [])))
