@@ -239,7 +239,7 @@ def test_without_early_stopping_the_last_epoch_is_reported_and_tested(make_cfg, 
     from dnnlab.data import load
     from dnnlab.train import evaluate
 
-    cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.02", "trainer.early_stopping.monitor=null")
+    cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.05", "trainer.early_stopping.monitor=null")
     summary = train(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert summary["best_epoch"] < 5  # the rate makes later epochs worse: best and last differ
