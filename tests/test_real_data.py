@@ -80,13 +80,13 @@ def test_the_chapter_stories_show_on_real_data(tmp_path):
 # One row of each kind: the first and the last 5,000 images validating, digits and classes picked, images per
 # class and the first n, a transfer source of the same seed, a 100-layer network, a per-epoch schedule, the
 # training set and MC dropout evaluated. (Every preset's config is checked in tests/test_reproduce.py.)
-KINDS = ["ed1/ex9_four_layers", "ed1/ex10_scratch", "ed2/selu_100_layers", "ed2/task_b_on_a:test",
+KINDS = ["ed1/ex9_four_layers", "ed1/ex10_scratch", "ed2/selu_100_layers", "ed2/task_b_scratch:test",
          "ed2/exponential_by_epoch", "ed2/alpha_dropout:train", "ed3/dropout:mc"]  # in the report's order
 
 
 def test_reproduction_rows_of_each_kind_run_on_the_real_data(tmp_path):
-    """`dnnlab reproduce` on the real datasets, one seed, one epoch of two batches: the presets train (task B and
-    exercise 9 on their own seed's source run) and each row is measured."""
+    """`dnnlab reproduce` on the real datasets, one seed, one epoch of two batches: the presets train (exercise 9
+    on its own seed's source run) and each row is measured."""
     import csv
 
     from dnnlab.reproduce import main
