@@ -182,8 +182,11 @@ for _kind in ("dropout", "alpha_dropout"):
 
 
 def _targets(node, path=""):
-    """(key, target) of every _target_ in the config."""
-    if OmegaConf.is_dict(node):
+    """(key, target) of every _target_ in the config, in dicts and lists at any depth (Hydra instantiates both)."""
+    if OmegaConf.is_list(node):
+        for i in range(len(node)):
+            yield from _targets(node._get_node(i), f"{path}[{i}]")
+    elif OmegaConf.is_dict(node):
         for key in node:
             child = f"{path}.{key}" if path else str(key)
             if key == "_target_":

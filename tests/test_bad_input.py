@@ -159,6 +159,17 @@ def test_other_torch_components_are_allowed_and_more_can_be_allowed_by_name(make
     check(cfg)
 
 
+def test_a_target_inside_a_list_is_checked_too(make_cfg, tmp_path):
+    """Hydra instantiates a _target_ nested in a list (e.g. in _args_), so the allow-list walks lists as well."""
+    from dnnlab.validate import check
+
+    victim = tmp_path / "victim"
+    cfg = make_cfg(f"+activation._args_=[{{_target_:builtins.open,file:{victim},mode:w}}]")
+    with pytest.raises(DnnlabError, match=r"activation\._args_\[0\]\._target_.*builtins\.open"):
+        check(cfg)
+    assert not victim.exists()
+
+
 def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(DnnlabError, match="cannot write to the run directory") as info:

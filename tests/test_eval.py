@@ -155,6 +155,18 @@ def test_a_checkpoint_with_a_foreign_target_is_refused(trained, tmp_path, capsys
     assert "os.system" in capsys.readouterr().err
 
 
+def test_a_checkpoint_with_a_target_inside_a_list_is_refused_before_it_runs(trained, tmp_path, capsys):
+    state = checkpoint.load(trained() / "checkpoints" / "best.pt")
+    victim = tmp_path / "victim"
+    state["config"] = state["config"].replace(
+        "_target_: torch.nn.ELU", f"_target_: torch.nn.ELU\n  _args_:\n  - _target_: pathlib.Path.touch\n    _args_: [{victim}]")
+    assert "pathlib.Path.touch" in state["config"]
+    checkpoint.save(tmp_path / "evil.pt", state)
+    with pytest.raises(SystemExit):
+        eval_main([str(tmp_path / "evil.pt")])
+    assert "pathlib.Path.touch" in capsys.readouterr().err and not victim.exists()
+
+
 # --- sparsity and pruning -------------------------------------------------------------------------------------
 
 def test_sparsity_counts_on_constructed_weights():
