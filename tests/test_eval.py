@@ -146,25 +146,18 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_a_checkpoint_with_a_foreign_target_is_refused(trained, tmp_path, capsys):
-    state = checkpoint.load(trained() / "checkpoints" / "best.pt")
-    state["config"] = state["config"].replace("torch.nn.ELU", "os.system")
-    checkpoint.save(tmp_path / "evil.pt", state)
-    with pytest.raises(SystemExit):
-        eval_main([str(tmp_path / "evil.pt")])
-    assert "os.system" in capsys.readouterr().err
-
-
-def test_a_checkpoint_with_a_target_inside_a_list_is_refused_before_it_runs(trained, tmp_path, capsys):
+@pytest.mark.parametrize("target, nested", [("os.system", False), ("pathlib.Path.touch", True)],
+                         ids=["in place of a component", "inside a list"])
+def test_a_checkpoint_with_a_foreign_target_is_refused_before_it_runs(trained, tmp_path, capsys, target, nested):
     state = checkpoint.load(trained() / "checkpoints" / "best.pt")
     victim = tmp_path / "victim"
-    state["config"] = state["config"].replace(
-        "_target_: torch.nn.ELU", f"_target_: torch.nn.ELU\n  _args_:\n  - _target_: pathlib.Path.touch\n    _args_: [{victim}]")
-    assert "pathlib.Path.touch" in state["config"]
+    evil = f"torch.nn.ELU\n  _args_:\n  - _target_: {target}\n    _args_: [{victim}]" if nested else target
+    state["config"] = state["config"].replace("torch.nn.ELU", evil)
+    assert target in state["config"]
     checkpoint.save(tmp_path / "evil.pt", state)
     with pytest.raises(SystemExit):
         eval_main([str(tmp_path / "evil.pt")])
-    assert "pathlib.Path.touch" in capsys.readouterr().err and not victim.exists()
+    assert target in capsys.readouterr().err and not victim.exists()
 
 
 # --- sparsity and pruning -------------------------------------------------------------------------------------
