@@ -1,5 +1,10 @@
-"""Checkpoints: atomic writes, safe loading (no code runs from a crafted file)."""
+"""Checkpoints: atomic writes, safe loading (no code runs from a crafted file), every file that is not one refused
+in one line naming it, stale temporary files of killed writers cleaned up."""
+import io
 import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -47,14 +52,123 @@ def test_foreign_and_corrupt_files_are_named(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_version(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path / "c.pt", {"epoch": 1})
+    checkpoint.save(tmp_path / "c.pt", {"epoch": 1, "model": {}, "config": "a: 1"})
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(DnnlabError, match="No space left on device"):
-        checkpoint.save(tmp_path / "c.pt", {"epoch": 2})
+        checkpoint.save(tmp_path / "c.pt", {"epoch": 2, "model": {}, "config": "a: 1"})
     monkeypatch.undo()
     assert checkpoint.load(tmp_path / "c.pt")["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def real_checkpoint(path) -> bytes:
+    checkpoint.save(path, {"model": {"w": torch.arange(3000.0)}, "config": "a: 1", "epoch": 1})
+    return path.read_bytes()
+
+
+def junk(tmp_path, kind: str):
+    """A path that is not a dnnlab checkpoint, of the given kind; returns it."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("epoch: 3\nthis is a text file\n")
+    elif kind == "passwd":  # the file of the bug report: a text that the unpickler read as opcodes (IndexError)
+        path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "pickle":  # a plain pickle, as the legacy torch format starts
+        path.write_bytes(b"\x80\x02}q\x00.")
+    elif kind == "zip":  # a zip archive of another program
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes/readme.txt", "hello")
+    elif kind == "zip_flat":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "hello")
+    elif kind in ("truncated_half", "truncated_tail", "corrupt_middle"):
+        data = bytearray(real_checkpoint(tmp_path / "real.pt"))
+        if kind == "truncated_half":
+            data = data[: len(data) // 2]
+        elif kind == "truncated_tail":
+            data = data[:-5]
+        else:  # the archive's directory is intact, the pickle and part of the data are not
+            data[40:400] = os.urandom(360)
+        path.write_bytes(bytes(data))
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "dict":
+        torch.save({"model": {"w": torch.zeros(2)}, "config": "a: 1"}, path)  # no format marker
+    elif kind == "marker_only":
+        torch.save({"format": checkpoint.FORMAT, "epoch": 1}, path)  # no weights, no config
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling":
+        path.symlink_to(tmp_path / "gone.pt")
+    elif kind == "huge":  # 16 GiB, sparse: nothing may read it whole
+        with open(path, "wb") as f:
+            f.truncate(16 << 30)
+    return path
+
+
+JUNK = ["empty", "text", "passwd", "random", "pickle", "zip", "zip_flat", "truncated_half", "truncated_tail",
+        "corrupt_middle", "list", "tensor", "dict", "marker_only", "directory", "fifo", "dangling", "huge"]
+
+
+@pytest.mark.parametrize("kind", JUNK)
+def test_every_kind_of_junk_is_one_line_naming_the_file(tmp_path, kind):
+    path = junk(tmp_path, kind)
+    with pytest.raises(DnnlabError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    with pytest.raises(DnnlabError):  # through find() as `dnnlab eval` and transfer.source do
+        checkpoint.load(checkpoint.find(path, "transfer.source"))
+
+
+def test_the_kind_of_file_is_said(tmp_path):
+    for kind, said in (("directory", "is a directory"), ("fifo", "is a fifo"), ("dangling", "dangling symlink"),
+                       ("empty", "an empty file"), ("list", "a list without"), ("tensor", "a Tensor without"),
+                       ("passwd", "not a torch.save archive"), ("zip", "a zip archive that torch cannot read"),
+                       ("marker_only", "no model weights or saved config")):
+        with pytest.raises(DnnlabError, match=said):
+            checkpoint.load(junk(tmp_path, kind))
+    with pytest.raises(DnnlabError, match=r"transfer.source=.*this one is a fifo"):
+        checkpoint.find(tmp_path / "fifo.pt", "transfer.source")
+
+
+def test_a_fifo_does_not_hang(tmp_path):
+    """In a child process, so that a regression hangs only it (killed by the timeout), not the test run."""
+    fifo = junk(tmp_path, "fifo")
+    code = ("import sys; from dnnlab import checkpoint; from dnnlab.errors import DnnlabError\n"
+            "try: checkpoint.load(sys.argv[1])\nexcept DnnlabError as e: print(e)")
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "is a fifo" in done.stdout, done.stderr
+
+
+def test_remove_stale_temporaries(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its id belongs to no process now (ids are not reused this soon)
+    names = {"stale": f".last.pt.tmp{dead.pid}", "mine": f".best.pt.tmp{os.getpid()}",
+             "alive": f".last.pt.tmp{os.getppid()}", "other": ".notes.txt", "kept": "last.pt"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["stale"], names["mine"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other"], names["kept"]])
+    assert checkpoint.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_load_reads_from_an_open_file_the_same(tmp_path):
+    """load() reads through its own descriptor (not the path): the same tensors as torch.load of the path."""
+    real_checkpoint(tmp_path / "c.pt")
+    mine = checkpoint.load(tmp_path / "c.pt")
+    theirs = torch.load(io.BytesIO((tmp_path / "c.pt").read_bytes()), weights_only=True)
+    assert torch.equal(mine["model"]["w"], theirs["model"]["w"]) and mine["epoch"] == theirs["epoch"]
