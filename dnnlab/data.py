@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dnnlab.checkpoint import not_a_file
 from dnnlab.errors import DnnlabError, bad_value
 
 # torchvision's folder name for each dataset, and places where operating systems install a copy.
@@ -39,6 +40,20 @@ def _complete(folder: Path) -> bool:
     return all(_find_file(folder, stem) for pair in FILES.values() for stem in pair)
 
 
+def _bad_entries(folder: Path) -> list[str]:
+    """What stands where one of the four files should be but cannot be read as one (a directory, a dangling
+    symlink, a fifo...), where neither that name nor its .gz twin is a regular file: "PATH is a directory"."""
+    bad = []
+    for stem in (stem for pair in FILES.values() for stem in pair):
+        if _find_file(folder, stem):
+            continue
+        for name in (stem, stem + ".gz"):
+            why = not_a_file(folder / name)
+            if why and why != "does not exist":
+                bad.append(f"{folder / name} {why}")
+    return bad
+
+
 def candidate_folders(name: str, root: str | None) -> list[Path]:
     """Where to look, in order: data.root, $DNNLAB_DATA, the user cache, system copies."""
     roots = [Path(r).expanduser() for r in (root, os.environ.get("DNNLAB_DATA")) if r]
@@ -54,9 +69,15 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
     if name not in FOLDERS:
         raise bad_value("data.name", name, f"one of {sorted(FOLDERS)}")
     tried = candidate_folders(name, root)
+    bad = []
     for folder in tried:
         if _complete(folder):
+            for problem in bad:  # an earlier place is broken: say so, it may be the copy that was meant
+                log.warning("%s: skipped; %s found in %s", problem, name, folder)
             return folder
+        bad += _bad_entries(folder)
+    if bad:  # something stands where a data file should: a download would not fix it, and hides it
+        raise DnnlabError(f"{name}: {'; '.join(bad)}; replace it with the IDX file (or remove it)")
     if download:
         target = cache_dir()
         log.warning("%s: no local copy; downloading it with torchvision into %s", name, target)
@@ -89,6 +110,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as e:  # truncated gzip streams raise EOFError, corrupt ones BadGzipFile (OSError)
         raise DnnlabError(f"{path}: cannot read ({e}); the file is truncated or corrupt, fetch it again") from None
+    if not raw:  # an empty .gz file reads as an empty stream, without an error
+        what = "decompresses to nothing" if path.stat().st_size else "an empty file (0 bytes)"
+        raise DnnlabError(f"{path}: {what}; not an IDX file, fetch it again")
     if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
         found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
         raise DnnlabError(f"{path}: bad magic number {found} (expected {magic}); not an IDX file of this kind")
@@ -100,8 +124,22 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def split_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """The images and labels files of `split` in `folder` (each `stem` or `stem.gz`), or a DnnlabError naming the
+    one that is missing or is not a file."""
+    found = []
+    for stem in FILES[split]:
+        path = _find_file(folder, stem)
+        if path is None:
+            whys = {name: not_a_file(folder / name) for name in (stem, stem + ".gz")}
+            name, why = next(((n, w) for n, w in whys.items() if w != "does not exist"), (stem, "does not exist"))
+            raise DnnlabError(f"{folder / name} {why}" + (" (nor does its .gz)" if why == "does not exist" else ""))
+        found.append(path)
+    return found[0], found[1]
+
+
 def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    img_path, lbl_path = (_find_file(folder, stem) for stem in FILES[split])
+    img_path, lbl_path = split_files(folder, split)
     images, labels = read_idx(img_path, IMAGE_MAGIC), read_idx(lbl_path, LABEL_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DnnlabError(f"{img_path}: images of shape {images.shape[1:]}, expected 28x28")
@@ -110,6 +148,8 @@ def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                           f"(in {folder})")
     if labels.size and labels.max() > 9:
         raise DnnlabError(f"{lbl_path}: label {labels.max()} outside 0-9")
+    if not len(images):
+        raise DnnlabError(f"{img_path}: 0 images (a valid but empty IDX file); fetch the {split} files again")
     return images, labels
 
 
@@ -149,13 +189,19 @@ def load(cfg, device: torch.device) -> Splits:
     folder = locate(cfg.name, cfg.root)
     x_full, y_full = read_split(folder, "train")
     x_test, y_test = read_split(folder, "test")
+    files = {split: split_files(folder, split) for split in ("train", "test")}  # (images, labels) paths
     if cfg.folds:  # cross-validation: fold i of a seeded shuffle of the training images validates
+        if len(x_full) < cfg.folds:
+            raise DnnlabError(f"{files['train'][0]}: {len(x_full)} images, fewer than data.folds={cfg.folds} folds "
+                              "need (one image a fold at least)")
         folds = np.array_split(np.random.default_rng(cfg.seed).permutation(len(x_full)), cfg.folds)
         val_idx = np.sort(folds[cfg.fold])
         train_idx = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != cfg.fold]))
     else:
-        if not 1 <= cfg.val_size < len(x_full):
-            raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1}")
+        if not 1 <= cfg.val_size < len(x_full):  # the files may be the culprit (a tiny or damaged copy)
+            raise bad_value("data.val_size", cfg.val_size, f"an integer from 1 to {len(x_full) - 1} "
+                            f"({files['train'][0]}: {len(x_full)} images, fewer than the validation split needs)"
+                            if cfg.val_size >= len(x_full) else f"an integer from 1 to {len(x_full) - 1}")
         # the 1st and 2nd editions validate on the first 5,000 images, the 3rd on the last (older configs: last)
         val_first = cfg.get("val_from") == "first"
         cut = cfg.val_size if val_first else len(x_full) - cfg.val_size
@@ -176,7 +222,10 @@ def load(cfg, device: torch.device) -> Splits:
         if split == "train" and cfg.get("n_train") is not None:
             keep = keep[:cfg.n_train]
         if len(keep) == 0:
-            raise bad_value("data.classes", classes, f"classes with examples in the {split} split")
+            labels_file = files["test" if split == "test" else "train"][1]
+            held = sorted(np.unique(y).tolist())
+            raise bad_value("data.classes", classes, f"classes with examples in the {split} split ({len(y)} "
+                                                     f"images from {labels_file}, of classes {held})")
         parts[split] = (x[keep], relabel[y[keep]])
 
     def tensor(x):  # pixels to [0, 1] floats on the device in one go
