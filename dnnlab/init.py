@@ -2,7 +2,6 @@
 import math
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -29,8 +28,9 @@ def variance_scaling(weight: torch.Tensor, scale: float = 1.0, mode: str = "fan_
 @torch.no_grad()
 def apply_init(layers: list[nn.Linear], cfg: DictConfig) -> None:
     """Initialise the weights of `layers` with the configured function and set their biases to cfg.bias."""
-    params = {k: v for k, v in cfg.items() if k != "bias"}
-    fill = instantiate(params)
+    from dnnlab.components import make
+
+    fill = make({k: v for k, v in cfg.items() if k != "bias"}, "init")
     for layer in layers:
         fill(layer.weight)
         if layer.bias is not None:

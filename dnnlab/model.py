@@ -2,11 +2,11 @@
 from collections import OrderedDict
 from functools import partial
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from dnnlab.components import make
 from dnnlab.init import apply_init, variance_scaling
 
 IN_FEATURES = 28 * 28
@@ -30,7 +30,7 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
     input: Flatten [-> BN] [-> dropout];  hidden1..N: Linear -> (norm) -> act -> (norm) [-> dropout];  output: Linear.
     """
     norm, hidden = cfg.norm, widths(cfg.model)
-    make_act = instantiate(cfg.activation)
+    make_act = make(cfg.activation, "activation")
     drop = dropout_spec(cfg.regularizer)
     first_dropped = len(hidden) - (drop[1].top_k if drop and drop[1].top_k is not None else len(hidden))
     norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")), "layer": nn.LayerNorm}.get(norm.kind)

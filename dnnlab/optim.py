@@ -4,10 +4,10 @@ from __future__ import annotations
 import operator
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from dnnlab.components import make
 from dnnlab.model import hidden_linears, weight_matrices
 
 EXTRA_KEYS = ("clip_value", "clip_norm")  # dnnlab's own keys in the optimizer group, not torch arguments
@@ -22,7 +22,7 @@ def build_optimizer(cfg: DictConfig, params: list, device: torch.device, lr: flo
         kwargs["fused"], kwargs["foreach"] = False, True
     if lr is not None:
         kwargs["lr"] = lr
-    return instantiate(kwargs)(params)
+    return make(kwargs, "optimizer")(params)
 
 
 def fusable(optimizer: torch.optim.Optimizer) -> bool:

@@ -17,11 +17,11 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dnnlab import CONF_DIR, checkpoint
+from dnnlab.components import make
 from dnnlab.errors import bad_value
 from dnnlab.model import widths
 from dnnlab.optim import build_optimizer
@@ -83,7 +83,7 @@ def decoder(sizes: list[int], make_act) -> nn.Sequential:
 def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, callable]]:
     """(name, module to train, loss on a batch of inputs) for each stage of the chosen method."""
     p, hidden = cfg.pretrain, [model._modules[f"hidden{i + 1}"] for i in range(len(widths(cfg.model)))]
-    make_act = instantiate(cfg.activation)
+    make_act = make(cfg.activation, "activation")
     sizes = [28 * 28] + widths(cfg.model)
 
     def corrupt(x):  # a denoising autoencoder must learn structure, not the identity

@@ -26,9 +26,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
+from dnnlab import stored
 from dnnlab.errors import DnnlabError
 from dnnlab.record import pyplot, read_metrics, save_figure
 from dnnlab.runs import mean_spread, write_table
@@ -129,7 +129,7 @@ def read_overrides(folder: Path) -> dict[str, str] | None:
     path = folder / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
-    items = yaml.safe_load(path.read_text())
+    items = stored.read(path)
     if items is None:
         return {}
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -150,7 +150,7 @@ def load_run(folder: Path, root: Path, now: float) -> Run:
     problems, overrides, summary, rows = [], None, {}, []
     try:
         overrides = read_overrides(folder)
-    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, DnnlabError) as e:
         problems.append(f".hydra/overrides.yaml ({type(e).__name__})")
     summary_path, metrics_path = folder / "summary.json", folder / "metrics.csv"
     if summary_path.is_file():
@@ -179,9 +179,10 @@ def load_run(folder: Path, root: Path, now: float) -> Run:
 
 @functools.lru_cache(maxsize=None)
 def load_yaml(path: Path):
-    """A .hydra file as an OmegaConf config (interpolations unresolved), or None if absent or unreadable."""
+    """A .hydra file as an OmegaConf config (interpolations unresolved), or None if absent or unreadable; read as
+    data (dnnlab.stored: bounded, no YAML aliases), as a folder may come from anyone."""
     try:
-        return OmegaConf.load(path)
+        return OmegaConf.create(stored.read(path))
     except Exception:  # missing, half-written, not YAML
         return None
 

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dnnlab import stored
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.record import pyplot, save_figure
 from dnnlab.runs import mean_spread, write_table
@@ -292,8 +293,8 @@ def setting(path: Path) -> str:
     from omegaconf import OmegaConf
 
     try:
-        c = OmegaConf.load(path / ".hydra" / "config.yaml")
-    except OSError:
+        c = OmegaConf.create(stored.read(path / ".hydra" / "config.yaml"))
+    except (OSError, DnnlabError):
         return ""
     d, m, o, t = c.data, c.model, c.optimizer, c.trainer
     widths = list(m.n_neurons) if OmegaConf.is_list(m.n_neurons) else [m.n_neurons] * m.n_hidden

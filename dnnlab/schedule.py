@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from dnnlab.components import make
 
 
 class Schedule:
@@ -162,5 +163,5 @@ class Warmup(Schedule):
 
 def build_schedule(cfg: DictConfig, lr0: float, total_steps: int, steps_per_epoch: int) -> Schedule:
     params = {k: v for k, v in cfg.items() if k != "warmup_steps"}
-    schedule = instantiate(params)(lr0=lr0, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    schedule = make(params, "schedule")(lr0=lr0, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return Warmup(schedule, cfg.warmup_steps) if cfg.warmup_steps else schedule

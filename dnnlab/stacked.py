@@ -55,11 +55,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dnnlab import checkpoint, validate
+from dnnlab.components import make
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
 from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
@@ -184,7 +184,7 @@ def activation_fn(cfg: DictConfig):
         return (float(cfg.activation.get("alpha", 1.0)), 1.0)
     if target == "torch.nn.SELU":
         return (SELU_ALPHA, SELU_SCALE)
-    return instantiate(cfg.activation)()
+    return make(cfg.activation, "activation")()
 
 
 class Job:

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, checkpoint, hydra_files, native, transfer, validate
+from dnnlab import CONF_DIR, checkpoint, hydra_files, native, stored, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
@@ -303,11 +303,12 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def comparable(config_text: str) -> str:
+def comparable(cfg: DictConfig) -> dict:
     """The config without the keys that may change between an interrupted run and its resumption."""
-    cfg = OmegaConf.create(config_text)
-    cfg.trainer.resume = cfg.trainer.progress = None
-    return OmegaConf.to_yaml(cfg)
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(data.get("trainer"), dict):
+        data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in ("resume", "progress")}
+    return data
 
 
 def resume_point(run_dir: Path, t: DictConfig, config_text: str) -> dict | None:
@@ -318,7 +319,7 @@ def resume_point(run_dir: Path, t: DictConfig, config_text: str) -> dict | None:
             log.warning("trainer.resume=true but %s does not exist: starting from scratch", last)
         return None
     state = checkpoint.load(last)
-    if comparable(state["config"]) != comparable(config_text):
+    if comparable(stored.checkpoint_config(state, str(last))) != comparable(OmegaConf.create(config_text)):
         raise DnnlabError(f"{run_dir} holds a run with a different config; resume it with the same overrides or "
                           "choose another hydra.run.dir (nothing was changed)")
     log.info("resuming from %s (epoch %d)", last, state["epoch"])
@@ -362,6 +363,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     stopper = EarlyStopping(t.early_stopping)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    checkpoint.remove_stale_temporaries(run_dir / "checkpoints")  # a killed writer's half-written files
     resume = resume_point(run_dir, t, config_text)
     recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0)
     rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import checkpoint, validate
+from dnnlab import checkpoint, stored, validate
 from dnnlab.data import Splits, load
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
@@ -50,21 +49,13 @@ class Trained:
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu", data_root: str | Path | None = None,
                  with_data: bool = True) -> Trained:
-    """Rebuild a run's network from its checkpoint (weights_only loading; the config's _target_s are checked
-    before anything is instantiated) and, with_data, load its dataset with its saved data settings."""
+    """Rebuild a run's network from its checkpoint (weights_only loading; its saved config is data, see
+    dnnlab.stored) and, with_data, load its dataset with its saved data settings."""
     device = torch.device(device)
     ckpt = checkpoint.find(path)
     state = checkpoint.load(ckpt)
-    if "model" not in state or not isinstance(state.get("config"), str):
-        raise DnnlabError(f"{ckpt}: a checkpoint without a model or a saved config")
-    try:
-        cfg = OmegaConf.create(state["config"])
-    except (yaml.YAMLError, ValueError) as e:
-        raise DnnlabError(f"{ckpt}: its saved config is not readable YAML ({str(e).splitlines()[0][:100]})") from None
-    for key in ("data", "model", "activation", "init", "norm", "regularizer"):
-        if key not in cfg:
-            raise DnnlabError(f"{ckpt}: its saved config has no '{key}' section; not a dnnlab training checkpoint")
-    validate.check_targets(cfg)  # a crafted config must not make build_mlp instantiate arbitrary callables
+    cfg = stored.checkpoint_config(state, str(ckpt))  # data: no aliases, no interpolations
+    validate.check_saved(cfg, str(ckpt))  # the command line's rules; build_mlp only looks its names up
     if data_root is not None:
         cfg.data.root = str(data_root)
     classes = list(state.get("classes") or range(10))

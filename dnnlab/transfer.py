@@ -5,7 +5,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import checkpoint
+from dnnlab import checkpoint, stored
 from dnnlab.errors import DnnlabError, bad_value
 
 # What must agree between the source run and this one for the copied weights to mean the same thing.
@@ -39,7 +39,7 @@ def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
     transfer = cfg.transfer
     path = checkpoint.find(transfer.source, "transfer.source")
     state = checkpoint.load(path)
-    source_cfg = OmegaConf.create(state["config"])
+    source_cfg = stored.checkpoint_config(state, str(path))  # data, only compared
     differences = [f"{key}: source {OmegaConf.select(source_cfg, key)!r}, this run {OmegaConf.select(cfg, key)!r}"
                    for key in MUST_MATCH if OmegaConf.select(source_cfg, key) != OmegaConf.select(cfg, key)]
     if differences:

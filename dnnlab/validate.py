@@ -5,15 +5,15 @@ The first failure becomes one line: `key=value is not allowed: what is allowed`.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dnnlab import CONF_DIR
+from dnnlab import components
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.init import DISTRIBUTIONS, FAN_MODES
 
@@ -195,30 +195,11 @@ def _targets(node, path=""):
                 yield from _targets(node._get_node(key), child)
 
 
-@functools.cache
-def known_targets() -> frozenset[str]:
-    """The callables a config may name (_target_): those of the shipped configs, every torch.nn module, torch.optim
-    optimizer and torch.nn.init initializer, by their exact names. Not prefixes: Hydra follows attributes through modules, so a
-    prefix such as "dnnlab." would let in dnnlab.train.os.system."""
-    names = {f"torch.nn.{n}" for n, v in vars(torch.nn).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)}
-    names |= {f"torch.optim.{n}" for n, v in vars(torch.optim).items()
-              if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)}
-    names |= {f"torch.nn.init.{n}" for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")}
-    for path in CONF_DIR.rglob("*.yaml"):
-        names.update(re.findall(r"^\s*_target_:\s*([\w.]+)", path.read_text(), re.M))
-    return frozenset(names)
-
-
 def check_targets(cfg: DictConfig) -> None:
-    """Refuse a _target_ that is not a known component, unless $DNNLAB_ALLOWED_TARGETS names it (comma-separated
-    names; one ending in "." allows everything under it)."""
-    extra = [p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p]
+    """Refuse a _target_ anywhere in the config that is not a known component (see dnnlab.components)."""
     for key, target in _targets(cfg):
-        allowed = isinstance(target, str) and (target in known_targets() or any(
-            target == p or (p.endswith(".") and target.startswith(p)) for p in extra))
-        if not allowed:
-            raise bad_value(key, target, "a dnnlab component (a _target_ of the shipped configs, a torch.nn module, "
-                                         "torch.optim optimizer or torch.nn.init function); allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
+        if not components.allowed(target):
+            raise bad_value(key, target, components.ALLOWED)
 
 
 def check_device(value: str) -> None:
@@ -253,13 +234,43 @@ def check(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.transfer, "source"):
         raise DnnlabError("transfer.source is required here: a run directory or checkpoint to reuse, e.g. "
                           "transfer.source=outputs/2026-01-01/12-00-00")
-    for key, (ok, allowed) in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
-        if value is not _ABSENT and not ok(value):
-            raise bad_value(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, allowed)
+    check_values(cfg)
     check_targets(cfg)
     check_device(cfg.trainer.device)
+    check_combinations(cfg)
 
+
+def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+    for key, (ok, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+        if key not in skip and value is not _ABSENT and not ok(value):
+            raise bad_value(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, allowed)
+
+
+# What a saved config needs, and the keys that describe the machine it was trained on rather than the network.
+SAVED_SECTIONS = ("data", "model", "init", "activation", "norm", "optimizer", "schedule", "regularizer", "transfer",
+                  "trainer")
+MACHINE_KEYS = ("data.root", "trainer.device", "transfer.source")
+
+
+def check_saved(cfg: DictConfig, source: str) -> None:
+    """A config saved in a file (see dnnlab.stored), checked with the command line's rules; one line naming it."""
+    missing = [key for key in SAVED_SECTIONS if not OmegaConf.is_dict(cfg.get(key))]
+    if missing:
+        raise DnnlabError(f"{source}: its saved config has no '{missing[0]}' section; not a dnnlab training config")
+    try:
+        check_values(cfg, skip=MACHINE_KEYS)
+        check_targets(cfg)
+        check_combinations(cfg)
+    except DnnlabError as e:
+        raise DnnlabError(f"{source}: in its saved config, {e}") from None
+    except (OmegaConfBaseException, AttributeError, TypeError, KeyError) as e:
+        raise DnnlabError(f"{source}: its saved config is not a dnnlab config ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:80]})") from None
+
+
+def check_combinations(cfg: DictConfig) -> None:
+    """The rules between keys."""
     n_hidden = len(cfg.model.n_neurons) if OmegaConf.is_list(cfg.model.n_neurons) else cfg.model.n_hidden
     if OmegaConf.is_list(cfg.model.n_neurons) and len(cfg.model.n_neurons) != cfg.model.n_hidden:
         raise bad_value("model.n_hidden", cfg.model.n_hidden,

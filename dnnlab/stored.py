@@ -1,0 +1,95 @@
+"""Configs read from files that dnnlab did not write in this run: a checkpoint's saved config (eval, prune,
+latency, transfer sources, resuming a reused run directory) and the .hydra/ files of run folders (report,
+reproduce). They are data, never code:
+
+- bounded size, and parsed as plain YAML without aliases (a few nested aliases expand to billions of nodes);
+- no interpolations: dnnlab saves resolved configs, so `${...}` in one was put there by someone else;
+- checked with the command line's rules (dnnlab.validate), and built only through dnnlab's component table
+  (dnnlab.components), which looks names up and never imports them from the text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from dnnlab.errors import DnnlabError
+
+MAX_BYTES = 1 << 20  # a resolved dnnlab config is about 5 kB
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (anchors alone are harmless)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"a YAML alias (*name) at line {mark.line + 1}, which dnnlab never writes")
+        return super().compose_node(parent, index)
+
+
+def plain(text: str, source: str):
+    """The YAML text as plain Python values; one line naming `source` if it is too big, aliased or not YAML."""
+    if len(text) > MAX_BYTES:
+        raise DnnlabError(f"{source}: its config is {len(text)} characters, more than a dnnlab config can be "
+                          f"({MAX_BYTES}); refused")
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as e:
+        raise DnnlabError(f"{source}: its config is not readable YAML ({_first_line(e)})") from None
+    except RecursionError:
+        raise DnnlabError(f"{source}: its config is nested too deeply to be a dnnlab config") from None
+
+
+def read(path: Path, source: str | None = None):
+    """plain() of a file, reading no more than MAX_BYTES + 1 characters of it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return plain(f.read(MAX_BYTES + 1), source or str(path))
+
+
+def config(text: str, source: str) -> DictConfig:
+    """A saved config as an OmegaConf config that resolves nothing; refused if it is not a mapping or holds an
+    interpolation."""
+    data = plain(text, source)
+    if not isinstance(data, dict):
+        raise DnnlabError(f"{source}: its saved config is not a mapping of settings; not a dnnlab config")
+    try:
+        for key, value in _leaves(data):
+            if isinstance(value, str) and "${" in value:
+                raise DnnlabError(f"{source}: its saved config has an interpolation at {key} ({value[:60]!r}); "
+                                  "dnnlab saves resolved configs, so it was not written by dnnlab")
+        return OmegaConf.create(data)
+    except (RecursionError, ValueError, TypeError, AssertionError, KeyError) as e:
+        raise DnnlabError(f"{source}: its saved config is not a dnnlab config ({_first_line(e)})") from None
+
+
+def checkpoint_config(state: dict, source: str) -> DictConfig:
+    """The saved config of a loaded checkpoint, once its weights are known to be a mapping of names to tensors."""
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise DnnlabError(f"{source}: a checkpoint without a network's weights (names and tensors)")
+    if not isinstance(state.get("config"), str):
+        raise DnnlabError(f"{source}: a checkpoint without a saved config")
+    classes = state.get("classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) >= 2 and len(set(classes)) == len(classes)
+                                    and all(type(c) is int and 0 <= c <= 9 for c in classes)):
+        raise DnnlabError(f"{source}: its classes {str(classes)[:60]} are not at least 2 distinct digits 0-9")
+    return config(state["config"], source)
+
+
+def _leaves(node, path: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
