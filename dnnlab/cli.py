@@ -7,27 +7,27 @@ import importlib
 import os
 import sys
 
-# command: (module, function, takes Hydra overrides, one line of help)
+# command: (module, function, the config of a Hydra app (None: plain arguments), one line of help)
 COMMANDS = {
-    "train": ("dnnlab.train", "main", True,
+    "train": ("dnnlab.train", "main", "train",
               "train a network; a full Hydra app (-m for sweeps, --help lists every group and option)"),
-    "pretrain": ("dnnlab.pretrain", "main", True,
+    "pretrain": ("dnnlab.pretrain", "main", "pretrain_app",
                  "pretrain the hidden layers: pretrain=autoencoder (unlabeled) or pretrain=same_digit"),
-    "diagnose": ("dnnlab.diagnose", "main", True,
+    "diagnose": ("dnnlab.diagnose", "main", "diagnose_app",
                  "per-layer activations and gradients at initialisation and after a few hundred steps (PNG plots)"),
-    "lr-find": ("dnnlab.lr_find", "main", True,
+    "lr-find": ("dnnlab.lr_find", "main", "lr_find_app",
                 "learning-rate range test: loss against an exponentially growing rate (PNG), a suggested rate"),
-    "eval": ("dnnlab.evaluation", "main", False,
+    "eval": ("dnnlab.evaluation", "main", None,
              "RUN: test accuracy, confusion matrix, per-class accuracy; --mc-samples N for MC dropout"),
-    "prune": ("dnnlab.sparsity", "main", False, "RUN: weight sparsity, and accuracy against magnitude pruning (PNG)"),
-    "latency": ("dnnlab.latency", "main", False,
+    "prune": ("dnnlab.sparsity", "main", None, "RUN: weight sparsity, and accuracy against magnitude pruning (PNG)"),
+    "latency": ("dnnlab.latency", "main", None,
                 "RUN: single-image and batched inference latency in fp32, bf16, int8 (fp16 on CUDA)"),
-    "report": ("dnnlab.report", "main", False, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
-    "reproduce": ("dnnlab.reproduce", "main", False,
+    "report": ("dnnlab.report", "main", None, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
+    "reproduce": ("dnnlab.reproduce", "main", None,
                   "rerun every number chapter 11's notebooks print, beside the book's (--list, --only, --seeds)"),
-    "bench": ("dnnlab.bench", "main", False,
+    "bench": ("dnnlab.bench", "main", None,
               "time dnnlab against a DataLoader loop and Keras, stacked sweeps, cached transfer (--help)"),
-    "data": ("dnnlab.cli", "data_command", False, "[NAME]: find (or download) mnist or fashion_mnist, print where"),
+    "data": ("dnnlab.cli", "data_command", None, "[NAME]: find (or download) mnist or fashion_mnist, print where"),
 }
 
 
@@ -74,6 +74,9 @@ def main() -> None:
     run = getattr(importlib.import_module(module), function)
     try:
         if hydra_app:
+            from dnnlab.hydra_guard import check_command_line
+
+            check_command_line(hydra_app, args[1:])  # what Hydra builds before the task can check anything
             sys.argv = [sys.argv[0]] + args[1:]  # Hydra parses the rest of the command line
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us, to be told on one line
             run()

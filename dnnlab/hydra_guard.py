@@ -1,0 +1,103 @@
+"""What Hydra itself would build from a command line, checked before Hydra runs it.
+
+Hydra instantiates the callbacks, the launcher and the sweeper (with every `_target_` nested in their settings),
+and hands hydra.job_logging / hydra.hydra_logging to logging.config.dictConfig (whose `()` and `class` keys call
+what they name) before the task starts, so the task's own check (dnnlab.validate) comes too late for them. This
+composes the command line's config once, as Hydra will, and refuses what is not one of the known parts.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import logging.handlers
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from dnnlab import CONF_DIR, components
+from dnnlab.errors import DnnlabError, bad_value
+from dnnlab.validate import _targets
+
+STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
+LOGGING_KEYS = ("job_logging", "hydra_logging")
+
+
+@functools.cache
+def hydra_parts() -> frozenset[str]:
+    """Hydra's launchers and sweepers (the installed plugins) and the callbacks Hydra ships."""
+    import hydra.experimental.callbacks as shipped
+    from hydra.core.plugins import Plugins
+    from hydra.experimental.callback import Callback
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    found = [c for kind in (Launcher, Sweeper) for c in Plugins.instance().discover(kind)]
+    found += [c for c in vars(shipped).values() if isinstance(c, type) and issubclass(c, Callback)]
+    return frozenset(f"{c.__module__}.{c.__name__}" for c in found)
+
+
+@functools.cache
+def logging_parts() -> frozenset[str]:
+    """The handler, formatter and filter classes of the logging package, by their exact names."""
+    kinds = (logging.Handler, logging.Formatter, logging.Filter)
+    return frozenset(f"{module.__name__}.{name}" for module in (logging, logging.handlers)
+                     for name, value in vars(module).items() if isinstance(value, type) and issubclass(value, kinds))
+
+
+def check_hydra(hydra_cfg: DictConfig) -> None:
+    """Refuse a part of the hydra node that Hydra would build and that is not known."""
+    for key, target in _targets(hydra_cfg, "hydra"):
+        if not (components.allowed(target) or target in hydra_parts()):
+            raise bad_value(key, target, "a Hydra launcher, sweeper or callback that is installed, or a dnnlab "
+                                         "component; allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
+    for name in LOGGING_KEYS:
+        section = OmegaConf.select(hydra_cfg, name, throw_on_resolution_failure=False)
+        if OmegaConf.is_config(section):
+            _check_logging(OmegaConf.to_container(section, resolve=False), f"hydra.{name}")
+
+
+def _check_logging(node, key: str) -> None:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            child = f"{key}.{name}"
+            if name in ("()", "class") and not (isinstance(value, str) and value in logging_parts()):
+                raise bad_value(child, value, "a class of the logging package, e.g. logging.StreamHandler")
+            if isinstance(value, str) and value.startswith("ext://") and value not in STREAMS:
+                raise bad_value(child, value, " or ".join(STREAMS))
+            _check_logging(value, child)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_logging(value, f"{key}[{i}]")
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Compose argv's config as Hydra will (run or multirun) and check its hydra node; nothing to do for the
+    commands that only print (--help, --cfg, --info, --shell-completion)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.experimental_rerun is not None:
+        raise DnnlabError("--experimental-rerun loads a pickle file, which can run any code: not allowed; run the "
+                          "command again with its overrides (RUN/.hydra/overrides.yaml)")
+    if args.help or args.hydra_help or args.shell_completion or args.info or args.cfg:
+        return
+    check_hydra(compose(args.config_name or config_name, args).hydra)
+
+
+def compose(config_name: str, args) -> DictConfig:
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    config_path = os.path.abspath(args.config_path) if args.config_path else str(CONF_DIR)
+    search_path = create_config_search_path(f"file://{config_path}")
+    if args.config_dir is not None:
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}")
+    hydra = Hydra.create_main_hydra2(task_name="dnnlab", config_search_path=search_path)
+    try:
+        multirun = args.multirun or hydra.get_mode(config_name=config_name, overrides=args.overrides) \
+            == RunMode.MULTIRUN
+        return hydra.compose_config(config_name, args.overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+    finally:
+        GlobalHydra.instance().clear()
