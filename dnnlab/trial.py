@@ -9,12 +9,18 @@ The Optuna sweeper (hydra/sweeper=optuna, hydra_plugins/dnnlab_optuna_sweeper) a
     trial.pruner      {name: none|median|hyperband, ...its options} (see make_pruner)
 train() calls reporter(cfg.trial) once, then the returned function with every epoch's row; the function raises
 Pruned when the study's pruner stops the trial. The sweeper itself tells the study the run's final result.
+
+The sweeper owns the trials it asks: each records its owner (owner_record: host, pid, process start), so that a
+later sweep can tell a trial of a killed sweeper (owner_alive False) from one that another worker is running.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
+import socket
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dnnlab.errors import DnnlabError, Pruned
@@ -37,11 +43,13 @@ def database_url(url: str) -> str:
     return url
 
 
-def open_storage(storage: str, pooled: bool = True):
+def open_storage(storage: str, pooled: bool = True, heartbeat: Mapping[str, Any] | None = None):
     """An Optuna storage from its text: a database URL (sqlite:///study.db, postgresql://user:pw@host/db,
     mysql+pymysql://...) or else a journal file path (Optuna's JournalStorage: an append-only log that several
     processes may share, with a lock file beside it). pooled=False: a database connection per access, none kept
-    open (a run reports once an epoch; runs launched in the sweeper's process would otherwise pile up pools)."""
+    open (a run reports once an epoch; runs launched in the sweeper's process would otherwise pile up pools).
+    heartbeat: RDBStorage's heartbeat_interval, grace_period, heartbeat_stale_trial_callback, for the sweeper
+    (which owns the trials); a journal has no heartbeat."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
@@ -49,10 +57,47 @@ def open_storage(storage: str, pooled: bool = True):
         from sqlalchemy.pool import NullPool
 
         kwargs = {"pool_pre_ping": True} if pooled else {"poolclass": NullPool}
-        return optuna.storages.RDBStorage(database_url(storage), engine_kwargs=kwargs)
+        with warnings.catch_warnings():  # Optuna marks heartbeat_interval experimental, on every open
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(database_url(storage), engine_kwargs=kwargs, **(heartbeat or {}))
     path = os.path.abspath(os.path.expanduser(storage))
     lock = JournalFileOpenLock(path) if os.name == "nt" else None  # None: the default symlink lock (POSIX)
     return JournalStorage(JournalFileBackend(path, lock_obj=lock))
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat field 22); None if no process has that
+    pid (a zombie is gone too) or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # fields 3, 4...: the name before them may hold spaces and ")"
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner_record() -> dict:
+    """This process as the owner of a trial; its start time tells it from a later process given the same pid."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
+
+
+def owner_alive(owner: Mapping[str, Any]) -> bool | None:
+    """Whether the process of an owner record still runs; None where this process cannot tell (another host)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or os.name == "nt":
+        return None  # on Windows os.kill(pid, 0) would terminate the process
+    if os.path.exists("/proc/self/stat"):
+        started = process_start(pid)
+        return started is not None and owner.get("started") in (None, started)
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    except OSError:
+        return None
+    return True
 
 
 def make_pruner(spec: Mapping[str, Any] | None):

@@ -33,20 +33,31 @@ SHORT = ["data.val_size=100", "trainer.progress=false"]
 
 @pytest.fixture
 def sweep(data_root, tmp_path):
-    """sweep(*overrides, epochs=2) runs `python -m dnnlab train -m hydra/sweeper=optuna ...` into tmp_path/sweep."""
+    """sweep(*overrides, epochs=2) runs `python -m dnnlab train -m hydra/sweeper=optuna ...` into tmp_path/sweep;
+    sweep.start(...) starts it in the background."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["DNNLAB_DATA"] = str(data_root)
     sweep_dir = tmp_path / "sweep"
 
+    def command(*overrides: str, epochs: int = 2, sweeper: bool = True) -> list[str]:
+        return [sys.executable, "-m", "dnnlab", "train", "-m", *(SWEEPER if sweeper else []), *SHORT,
+                f"trainer.epochs={epochs}", f"hydra.sweep.dir={sweep_dir}", *overrides]
+
     def run(*overrides: str, epochs: int = 2, sweeper: bool = True, check: bool = True):
-        cmd = [sys.executable, "-m", "dnnlab", "train", "-m", *(SWEEPER if sweeper else []), *SHORT,
-               f"trainer.epochs={epochs}", f"hydra.sweep.dir={sweep_dir}", *overrides]
-        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command(*overrides, epochs=epochs, sweeper=sweeper), cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
         if check:
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
-    run.dir = sweep_dir
+    def start(*overrides: str, epochs: int = 2) -> subprocess.Popen:
+        """The sweep in the background, in a session of its own (so that its process group can be killed), its
+        output in run.log."""
+        with open(run.log, "w") as out:
+            return subprocess.Popen(command(*overrides, epochs=epochs), cwd=tmp_path, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    run.dir, run.log, run.start = sweep_dir, tmp_path / "background.log", start
     return run
 
 
@@ -188,19 +199,20 @@ def test_grid_sampler_tries_every_point_once(sweep):
     points = sorted((t.params["optimizer"], t.params["trainer.batch_size"]) for t in study.trials)
     assert points == [("adam", 32), ("adam", 96), ("sgd", 32), ("sgd", 96)]  # 4 trials, not 10
     assert states(study) == [TrialState.COMPLETE] * 4
-    sweep("hydra.sweeper.sampler=grid", "optimizer=choice(adam, sgd)", "trainer.batch_size=range(32, 97, 64)",
-          epochs=1)
+    result = sweep("hydra.sweeper.sampler=grid", "optimizer=choice(adam, sgd)",
+                   "trainer.batch_size=range(32, 97, 64)", epochs=1)
     assert len(journal_study(sweep.dir).trials) == 4  # rerun: nothing left to try
+    assert ("already has 4 of hydra.sweeper.n_trials=20 trials with a result: nothing to run (every point of its "
+            "4-point grid has a result)") in result.stdout
 
 
 def test_rerunning_the_command_continues_the_study(sweep):
-    args = ["hydra.sweeper.sampler=random", "hydra.sweeper.seed=1", "hydra.sweeper.n_trials=2",
-            "optimizer.lr=tag(log, interval(1e-3, 1e-1))"]
-    sweep(*args)
+    args = ["hydra.sweeper.sampler=random", "hydra.sweeper.seed=1", "optimizer.lr=tag(log, interval(1e-3, 1e-1))"]
+    sweep(*args, "hydra.sweeper.n_trials=2")
     first = [t.params["optimizer.lr"] for t in journal_study(sweep.dir).trials]
     (sweep.dir / "3").mkdir()  # a stray folder where trial 3 would go: its run goes beside it, not into it
-    result = sweep(*args)
-    assert "2 trials so far" in result.stdout
+    result = sweep(*args, "hydra.sweeper.n_trials=4")  # the study's target: two more
+    assert "2 of hydra.sweeper.n_trials=4 trials with a result" in result.stdout and "2 to run" in result.stdout
     study = journal_study(sweep.dir)
     assert [t.number for t in study.trials] == [0, 1, 2, 3] and states(study) == [TrialState.COMPLETE] * 4
     assert [t.params["optimizer.lr"] for t in study.trials[:2]] == first
@@ -239,9 +251,10 @@ def test_median_pruner_stops_a_bad_trial_early(sweep):
     pruning = ["hydra.sweeper.sampler=random", "hydra.sweeper.pruner=median",
                "hydra.sweeper.median.n_startup_trials=3", "hydra.sweeper.median.n_warmup_steps=1"]
     sweep(*pruning, "hydra.sweeper.n_trials=3", "optimizer.lr=0.01", "trainer.seed=choice(1, 2, 3)", epochs=4)
-    # the same study, one more trial with a learning rate too small to learn anything in 4 epochs
-    result = sweep(*pruning, "hydra.sweeper.n_trials=1", "optimizer.lr=1e-9", epochs=4)
+    # the same study, one more trial (a target of 4) with a learning rate too small to learn anything in 4 epochs
+    result = sweep(*pruning, "hydra.sweeper.n_trials=4", "optimizer.lr=1e-9", epochs=4)
     study = journal_study(sweep.dir)
+    assert len(study.trials) == 4  # the target, not 3 + 4
     good, bad = study.trials[:3], study.trials[3]
     assert [t.state for t in good] == [TrialState.COMPLETE] * 3
     assert all(sorted(t.intermediate_values) == [1, 2, 3, 4] for t in good)
@@ -373,6 +386,6 @@ def test_postgresql_storage_holds_the_study(sweep, postgres_url):
     assert info["storage"] == postgres_url and info["n_trials"] == 2
     storage_row = next(line for line in result.stdout.splitlines() if "│ storage" in line)
     assert "***" in storage_row and "s3cr" not in storage_row  # the table hides the password
-    sweep(*args[:2], "hydra.sweeper.n_trials=1", "optimizer.lr=tag(log, interval(1e-3, 1e-1))")
+    sweep(*args[:2], "hydra.sweeper.n_trials=3", "optimizer.lr=tag(log, interval(1e-3, 1e-1))")  # one more
     study = optuna.load_study(study_name="pg", storage=open_storage(postgres_url))
     assert len(study.trials) == 3 and math.isfinite(study.best_value)

@@ -12,6 +12,9 @@ hydra.sweeper.params (see conf/experiment/search_lr.yaml):
     choice(a, b, c) or a,b,c     one of the values (config group options too: optimizer=choice(adam,nadam))
 Anything else is a fixed override passed to every trial; on the command line a fixed value replaces a
 search space of the same key declared in YAML.
+
+The sampler, the pruner and the numbers below are checked before the study is opened (_sweep.RULES): a bad one
+is one line naming it, and nothing is written to the storage.
 """
 # No `from __future__ import annotations` here: Hydra runs this module before it is in sys.modules, and
 # dataclasses cannot resolve string annotations then.
@@ -54,9 +57,16 @@ class DnnlabOptunaSweeperConf:
     storage: Optional[str] = None        # null: the journal file optuna.journal in the sweep directory;
                                          # else a journal file path or a database URL (sqlite:///f.db,
                                          # postgresql://user:password@host/db, mysql+pymysql://...)
-    n_trials: int = 20                   # trials this command adds to the study (rerun it to add more)
+    n_trials: int = 20                   # the study's target: trials with a result (complete, pruned, or failed
+                                         # by the run). A rerun tops the study up to it (makes up interrupted and
+                                         # killed trials) and runs nothing once it is met: raise it to add more
     n_jobs: int = 1                      # trials launched together through the launcher (parallel with
                                          # hydra/launcher=joblib)
+    heartbeat_interval: int = 60         # database storage: seconds between the sweeper's heartbeats for its
+                                         # running trials
+    grace_period: int = 180              # database storage: a running trial with no heartbeat for this many
+                                         # seconds (its sweeper died, on any host) is failed as killed by the next
+                                         # sweep of the study; more than heartbeat_interval
     pruner: str = "none"                 # none, median or hyperband; trials report per-epoch values
     median: MedianConf = field(default_factory=MedianConf)
     hyperband: HyperbandConf = field(default_factory=HyperbandConf)
