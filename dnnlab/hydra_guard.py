@@ -3,7 +3,9 @@
 Hydra instantiates the callbacks, the launcher and the sweeper (with every `_target_` nested in their settings),
 and hands hydra.job_logging / hydra.hydra_logging to logging.config.dictConfig (whose `()` and `class` keys call
 what they name) before the task starts, so the task's own check (dnnlab.validate) comes too late for them. This
-composes the command line's config once, as Hydra will, and refuses what is not one of the known parts.
+composes the command line's config once, as Hydra will, and refuses what is not one of the known parts, launcher
+settings the launcher would fail on (joblib's n_jobs=0) or take silently (a stack of 0 jobs), and an output folder
+that cannot be written (Hydra would fail with a traceback while configuring its log file).
 """
 from __future__ import annotations
 
@@ -11,12 +13,27 @@ import functools
 import logging
 import logging.handlers
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, components
 from dnnlab.errors import DnnlabError, bad_value
-from dnnlab.validate import _targets
+from dnnlab.validate import _ABSENT, _targets, int_min, integer, num, optional
+
+# The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test, allowed.
+LAUNCHER_RULES = {
+    "n_jobs": (lambda v: v is None or (integer(v) and v != 0), "null or a non-zero integer (-1: every core)"),
+    "max_group": (optional(int_min(1)), "null (every compatible job) or an integer >= 1"),
+    "min_group": (int_min(1), "an integer >= 1"),
+    "timeout_min": (int_min(1), "an integer >= 1 (minutes)"),
+    "cpus_per_task": (optional(int_min(1)), "null or an integer >= 1"),
+    "gpus_per_node": (optional(int_min(0)), "null or an integer >= 0"),
+    "tasks_per_node": (int_min(1), "an integer >= 1"),
+    "nodes": (int_min(1), "an integer >= 1"),
+    "mem_gb": (optional(num(0, lo_open=True)), "null or a number > 0"),
+    "array_parallelism": (int_min(1), "an integer >= 1"),
+}
 
 STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
 LOGGING_KEYS = ("job_logging", "hydra_logging")
@@ -44,8 +61,9 @@ def logging_parts() -> frozenset[str]:
                      for name, value in vars(module).items() if isinstance(value, type) and issubclass(value, kinds))
 
 
-def check_hydra(hydra_cfg: DictConfig) -> None:
-    """Refuse a part of the hydra node that Hydra would build and that is not known."""
+def check_hydra(hydra_cfg: DictConfig, multirun: bool = False) -> None:
+    """Refuse a part of the hydra node that Hydra would build and that is not known, a bad launcher setting, and
+    an output folder that cannot be written."""
     for key, target in _targets(hydra_cfg, "hydra"):
         if not (components.allowed(target) or target in hydra_parts()):
             raise bad_value(key, target, "a Hydra launcher, sweeper or callback that is installed, or a dnnlab "
@@ -54,6 +72,39 @@ def check_hydra(hydra_cfg: DictConfig) -> None:
         section = OmegaConf.select(hydra_cfg, name, throw_on_resolution_failure=False)
         if OmegaConf.is_config(section):
             _check_logging(OmegaConf.to_container(section, resolve=False), f"hydra.{name}")
+    launcher = hydra_cfg.get("launcher")
+    for name, (ok, allowed) in LAUNCHER_RULES.items():
+        value = OmegaConf.select(launcher, name, default=_ABSENT, throw_on_resolution_failure=False) \
+            if OmegaConf.is_dict(launcher) else _ABSENT
+        if value is not _ABSENT and not ok(value):
+            raise bad_value(f"hydra.launcher.{name}", value, allowed)
+    check_output_dir(hydra_cfg, "sweep.dir" if multirun else "run.dir")
+
+
+def check_output_dir(hydra_cfg: DictConfig, key: str) -> None:
+    """The run (or sweep) folder exists as a folder dnnlab may write into, or can be created."""
+    try:
+        folder = OmegaConf.select(hydra_cfg, key)
+    except Exception:  # an interpolation only Hydra's job runtime knows: Hydra will resolve and report it
+        return
+    if not isinstance(folder, str) or not folder:
+        return
+    why = unwritable(Path(folder))
+    if why:
+        raise bad_value(f"hydra.{key}", folder, f"a folder dnnlab can write to ({why})")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be written or created (its nearest existing part is a file or read-only), or None.
+    os.access sees a read-only file system and /proc even as root; nothing is created to find out."""
+    existing = folder.absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only here"
+    return None
 
 
 def _check_logging(node, key: str) -> None:
@@ -81,10 +132,12 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                           "command again with its overrides (RUN/.hydra/overrides.yaml)")
     if args.help or args.hydra_help or args.shell_completion or args.info or args.cfg:
         return
-    check_hydra(compose(args.config_name or config_name, args).hydra)
+    cfg, multirun = compose(args.config_name or config_name, args)
+    check_hydra(cfg.hydra, multirun)
 
 
-def compose(config_name: str, args) -> DictConfig:
+def compose(config_name: str, args) -> tuple[DictConfig, bool]:
+    """The config Hydra will run, and whether it is a multirun."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
@@ -98,6 +151,7 @@ def compose(config_name: str, args) -> DictConfig:
     try:
         multirun = args.multirun or hydra.get_mode(config_name=config_name, overrides=args.overrides) \
             == RunMode.MULTIRUN
-        return hydra.compose_config(config_name, args.overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+        mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+        return hydra.compose_config(config_name, args.overrides, mode), multirun
     finally:
         GlobalHydra.instance().clear()
