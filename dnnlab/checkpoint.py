@@ -94,6 +94,18 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def keep_newest_periodic(folder: Path, keep: int | None) -> list[Path]:
+    """Delete all but the `keep` newest periodic checkpoints (epoch_N.pt) in `folder`; keep=None keeps all.
+    Returns what was deleted."""
+    if keep is None:
+        return []
+    periodic = sorted((p for p in Path(folder).glob("epoch_*.pt") if p.stem[6:].isdigit()), key=lambda p: int(p.stem[6:]))
+    old = periodic[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
 def mark_final(checkpoints: Path, name: str) -> None:
     """checkpoints/final.pt: the weights a finished run ended with and was tested with (best.pt where early
     stopping restored them, else last.pt), as a hard link (a copy where the file system has none)."""

@@ -73,7 +73,7 @@ SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805  # torch.nn.SELU
 
 # Config groups a job may set freely within a stack; every other key must be equal across the stack.
 PER_JOB_GROUPS = ("init", "optimizer", "schedule", "regularizer")
-PER_JOB_TRAINER_KEYS = ("seed", "epochs", "early_stopping", "checkpoint_every", "progress")
+PER_JOB_TRAINER_KEYS = ("seed", "epochs", "early_stopping", "checkpoint_every", "keep_checkpoints", "progress")
 KNOWN_GROUPS = {"data", "model", "init", "activation", "norm", "optimizer", "schedule", "regularizer", "transfer",
                 "trainer"}
 UNSTACKABLE_ACTIVATIONS = {"torch.nn.PReLU": "PReLU has learned per-unit slopes",
@@ -747,9 +747,10 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                     model_state = stack.state_dict(k)
                     if job.stopper.update(row, _StateView(stack, k)):
                         save(job, k, "best.pt", row["epoch"], model_state)
-                    save(job, k, "last.pt", row["epoch"], model_state)
                     if job.t.checkpoint_every and row["epoch"] % job.t.checkpoint_every == 0:
                         save(job, k, f"epoch_{row['epoch']}.pt", row["epoch"], model_state)
+                        checkpoint.keep_newest_periodic(job.run_dir / "checkpoints", job.t.get("keep_checkpoints"))
+                    save(job, k, "last.pt", row["epoch"], model_state)  # last: see train.train
                     if job.stopper.should_stop or len(job.rows) >= job.t.epochs:
                         finished.add(job.index)
                 bar.epoch({"epoch": epoch, "train_loss": min(train_losses), "train_acc": max(train_accs),

@@ -19,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, checkpoint, hydra_files, native, stored, transfer, validate
+from dnnlab import CONF_DIR, checkpoint, hydra_files, memory, native, stored, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
-from dnnlab.errors import DnnlabError, Pruned
+from dnnlab.errors import DnnlabError, Pruned, bad_value
 from dnnlab.model import build_mlp, flat_forward, widths
 from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
 from dnnlab.record import Recorder, environment, plot_learning_curves, read_metrics, write_json
@@ -332,10 +332,14 @@ def prepare(cfg: DictConfig, parallel_jobs: int = 1) -> tuple[torch.device, Spli
     validate.check(cfg)
     t = cfg.trainer
     device = pick_device(t.device)
+    memory.check_fits(cfg, device, len(cfg.data.classes or range(10)))
     torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
     seed_everything(t.seed, t.deterministic)
     data = load(cfg.data, device)
     restrict(data, t)
+    if t.batch_size > len(data.x_train):  # a batch larger than the data: a typo, or full-batch meant
+        raise bad_value("trainer.batch_size", t.batch_size, f"an integer from 1 to {len(data.x_train)} (the training "
+                                                            "images; that many is full-batch gradient descent)")
     return device, data, build_mlp(cfg, data.n_classes).to(device)
 
 
@@ -352,6 +356,9 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
     native_plan(cfg, model, device)  # trainer.native=true where it cannot be: refused before anything is written
+    if cfg.activation._target_ == "torch.nn.SELU" and cfg.norm.kind in ("batch", "layer"):
+        log.warning("SELU normalises itself; norm=%s between its layers breaks that (the book uses neither with the "
+                    "other)", OmegaConf.select(cfg, "norm.kind"))
     if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
@@ -450,13 +457,14 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                     rows.append(row)
                     recorder.log_epoch(row)
                     schedule.end_epoch(val_loss)
-                    # best.pt before last.pt: a crash between the two resumes from the previous last.pt, which
-                    # redoes this epoch and writes best.pt again (the other order could leave best.pt stale)
+                    # best.pt and epoch_N.pt before last.pt: a crash before last.pt resumes from the previous one,
+                    # which redoes this epoch and writes them again (the other order could lose or stale them)
                     if stopper.update(row, model):
                         save("best.pt")
-                    save("last.pt")
                     if t.checkpoint_every and row["epoch"] % t.checkpoint_every == 0:
                         save(f"epoch_{row['epoch']}.pt")
+                        checkpoint.keep_newest_periodic(run_dir / "checkpoints", t.get("keep_checkpoints"))
+                    save("last.pt")
                     progress.epoch(row)
                     if report:
                         report(row)
@@ -515,7 +523,9 @@ def run_task(job, cfg: DictConfig) -> float:
     except DnnlabError as e:
         error(str(e))
         hydra_files.restore(run_dir, HydraConfig.get().output_subdir or ".hydra")
-        if multirun:  # record the failed job (unless the directory holds an earlier run's) and go on
+        if not multirun:
+            hydra_files.discard_new(run_dir, HydraConfig.get().output_subdir or ".hydra")  # no empty run folder
+        else:  # record the failed job (unless the directory holds an earlier run's) and go on
             if not (run_dir / "summary.json").exists():
                 write_json(run_dir / "summary.json", {"status": "failed", "reason": str(e)})
             return math.nan

@@ -58,6 +58,7 @@ def device_ok(v) -> bool:
     return isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
 
 
+MAX_EPOCHS = 100_000  # more is a typo: at a second an epoch, over a day of training
 POSITIVE = (num(0, lo_open=True), "a number > 0")
 NON_NEGATIVE = (num(0), "a number >= 0")
 UNIT = (num(0, 1, hi_open=True), "a number in [0, 1)")
@@ -141,7 +142,7 @@ RULES = {
     "regularizer.l1": NON_NEGATIVE,
     "regularizer.l2": NON_NEGATIVE,
     "regularizer.max_norm": POSITIVE,
-    "trainer.epochs": (int_min(1), "an integer >= 1"),
+    "trainer.epochs": (lambda v: integer(v) and 1 <= v <= MAX_EPOCHS, f"an integer from 1 to {MAX_EPOCHS:,}"),
     "trainer.batch_size": (int_min(1), "an integer >= 1"),
     "trainer.device": (device_ok, "auto, cpu, cuda, cuda:N or mps"),
     "trainer.threads": (lambda v: v == "auto" or int_min(1)(v), "auto or an integer >= 1"),
@@ -155,6 +156,7 @@ RULES = {
     "trainer.early_stopping.patience": (int_min(0), "an integer >= 0"),
     "trainer.early_stopping.restore_best_weights": BOOL,
     "trainer.checkpoint_every": (int_min(0), "an integer >= 0 (0: only last and best)"),
+    "trainer.keep_checkpoints": (optional(int_min(1)), "null (keep all) or an integer >= 1"),
     "trainer.limit_batches": (optional(int_min(1)), "null or an integer >= 1"),
     "trainer.overfit_batches": (optional(int_min(1)), "null or an integer >= 1"),
     "trainer.progress": BOOL,
@@ -202,15 +204,17 @@ def check_targets(cfg: DictConfig) -> None:
             raise bad_value(key, target, components.ALLOWED)
 
 
-def check_device(value: str) -> None:
+def check_device(value: str, key: str = "trainer.device") -> None:
+    if not device_ok(value):
+        raise bad_value(key, value, "auto, cpu, cuda, cuda:N or mps")
     if value.startswith("cuda"):
         count = torch.cuda.device_count()
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= count:
             found = f"{count} CUDA device(s) here" if count else "no CUDA device here"
-            raise bad_value("trainer.device", value, f"{found}; use auto or cpu")
+            raise bad_value(key, value, f"{found}; use auto or cpu")
     if value == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise bad_value("trainer.device", value, "no MPS device here; use auto or cpu")
+        raise bad_value(key, value, "no MPS device here; use auto or cpu")
 
 
 def check_transfer(tr: DictConfig, n_hidden: int) -> None:
@@ -291,5 +295,11 @@ def check_combinations(cfg: DictConfig) -> None:
     if "boundaries" in sched and len(sched["values"]) != len(sched.boundaries) + 1:
         raise bad_value("schedule.values", OmegaConf.to_container(sched["values"]),
                         f"{len(sched.boundaries) + 1} learning rates (one more than schedule.boundaries)")
+    lr = cfg.optimizer.lr
+    if "min_lr" in sched and sched.min_lr > lr:
+        raise bad_value("schedule.min_lr", sched.min_lr, f"at most optimizer.lr ({lr}), the rate it decays from")
+    if "base_momentum" in sched and sched.base_momentum > sched.max_momentum:
+        raise bad_value("schedule.base_momentum", sched.base_momentum,
+                        f"at most schedule.max_momentum ({sched.max_momentum}): momentum falls from max to base")
     if "lower" in cfg.activation and cfg.activation.lower > cfg.activation.upper:
         raise bad_value("activation.lower", cfg.activation.lower, f"at most activation.upper ({cfg.activation.upper})")
