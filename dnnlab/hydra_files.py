@@ -1,4 +1,5 @@
-"""Keep a reused run directory's .hydra/ files when the new command is refused.
+"""Keep a reused run directory's .hydra/ files when the new command is refused, and remove the folder of a new
+one: a refused command leaves the disk as it found it.
 
 Hydra writes .hydra/config.yaml, hydra.yaml and overrides.yaml before the task starts, so a command with a bad
 value, or with other overrides than the run already in that directory, would overwrite the record of that run
@@ -10,6 +11,8 @@ sweep's own multirun.yaml belongs to the latest sweep command and is not kept.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +22,33 @@ from omegaconf import DictConfig
 from dnnlab.checkpoint import atomic_write
 
 _SAVED: dict[Path, dict[str, bytes]] = {}
+_CREATED: dict[Path, Path] = {}  # run directory -> the topmost folder that Hydra creates for it in this command
+
+
+def _absolute(folder) -> Path:
+    return Path(os.path.abspath(folder))
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The topmost folder on the way to `folder` that does not exist yet (None if `folder` exists)."""
+    top = None
+    while not os.path.lexists(folder) and folder != folder.parent:
+        top, folder = folder, folder.parent
+    return top
 
 
 def _remember(run_dir: Path, subdir: str) -> None:
     folder = run_dir / subdir
     if folder.is_dir():
-        _SAVED[run_dir.resolve()] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        _SAVED[_absolute(run_dir)] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 class KeepHydraFiles(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = _absolute(config.hydra.run.dir)
+        top = _first_missing(run_dir)
+        if top is not None:
+            _CREATED[run_dir] = top
         if config.hydra.output_subdir is not None:
             _remember(Path(config.hydra.run.dir), config.hydra.output_subdir)
 
@@ -41,9 +61,26 @@ class KeepHydraFiles(Callback):
 
 def restore(run_dir: Path, subdir: str = ".hydra") -> bool:
     """Put back the files this run directory held before Hydra wrote its own; False if it had none."""
-    saved = _SAVED.pop(Path(run_dir).resolve(), None)
+    saved = _SAVED.pop(_absolute(run_dir), None)
     if saved is None:
         return False
     for name, data in saved.items():
         atomic_write(Path(run_dir) / subdir / name, data)
+    return True
+
+
+def discard_new(run_dir: Path, subdir: str = ".hydra") -> bool:
+    """Remove the run directory this command created (with the dated folders above it that it created too), when
+    it holds only what Hydra wrote (the config files and the log) and nothing else appeared beside it; False if it
+    existed before or holds anything else (a run's results are never removed)."""
+    run_dir = _absolute(run_dir)
+    top = _CREATED.pop(run_dir, None)
+    if top is None or not all(p.name == subdir or p.suffix == ".log" for p in run_dir.iterdir()):
+        return False
+    folder = run_dir
+    while folder != top:  # every folder between top and the run directory holds only the way down
+        if [p.name for p in folder.parent.iterdir()] != [folder.name]:
+            return False
+        folder = folder.parent
+    shutil.rmtree(top, ignore_errors=True)
     return True
