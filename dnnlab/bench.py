@@ -95,7 +95,9 @@ def fashion_folder(root: Path) -> Path:
     for folder in (root / "FashionMNIST" / "raw", root):
         if any((folder / (IDX["train"][0] + ext)).is_file() for ext in ("", ".gz")):
             return folder
-    raise SystemExit(f"bench: no Fashion-MNIST IDX files in {root} (or {root}/FashionMNIST/raw)")
+    from dnnlab.errors import DnnlabError
+
+    raise DnnlabError(f"--data-root={root} holds no Fashion-MNIST IDX files (nor does {root}/FashionMNIST/raw)")
 
 
 def write_result(path: str, result: dict) -> None:
@@ -510,23 +512,25 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--worker" in argv:
         return worker_main(argv)
-    parser = argparse.ArgumentParser(prog="dnnlab bench", description=__doc__,
+    from dnnlab.errors import ArgumentParser, at_least  # here: the Keras worker imports this module without dnnlab
+
+    parser = ArgumentParser(prog="dnnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, help="holds FashionMNIST/raw and MNIST/raw (default: $DNNLAB_DATA)")
-    parser.add_argument("--epochs", type=int, default=4, help="measured epochs per run, after one warm-up epoch")
-    parser.add_argument("--rounds", type=int, default=2, help="times each contender runs, alternately")
-    parser.add_argument("--jobs", type=int, default=8, help="jobs in the stacked sweep")
-    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--epochs", type=at_least(1), default=4, help="measured epochs per run, after one warm-up epoch")
+    parser.add_argument("--rounds", type=at_least(1), default=2, help="times each contender runs, alternately")
+    parser.add_argument("--jobs", type=at_least(1), default=8, help="jobs in the stacked sweep")
+    parser.add_argument("--val-size", type=at_least(1), default=5000)
     parser.add_argument("--keras-python", help="a Python that can import keras (default: $DNNLAB_KERAS_PYTHON, "
                                                f"{DEFAULT_KERAS_PYTHON})")
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--dataloader-one-thread", action="store_true",
                         help="also time the DataLoader loop with torch.set_num_threads(1)")
-    parser.add_argument("--dataloader-workers", type=int, default=0,
+    parser.add_argument("--dataloader-workers", type=at_least(0), default=0,
                         help="also time the DataLoader loop with this many worker processes (PyTorch's CIFAR-10 "
                              "tutorial uses 2)")
     parser.add_argument("--sequential", action="store_true", help="also time the sweep with the basic launcher")
-    parser.add_argument("--transfer-seeds", type=int, default=3)
+    parser.add_argument("--transfer-seeds", type=at_least(1), default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["speed", "stacked", "transfer"])
     parser.add_argument("-o", "--override", action="append", default=[], help="extra override for dnnlab's runs")
     parser.add_argument("--out", type=Path, default=None)
@@ -544,6 +548,11 @@ def main(argv: list[str] | None = None) -> None:
 
         root = locate("fashion_mnist").parent.parent
     root = Path(root).resolve()
+    fashion_folder(root)  # refused here, before anything is written
+    if args.keras_python and not (os.path.isfile(args.keras_python) and os.access(args.keras_python, os.X_OK)):
+        from dnnlab.errors import bad_value
+
+        raise bad_value("--keras-python", args.keras_python, "a Python interpreter that exists and can run")
     os.environ["DNNLAB_DATA"] = str(root)
     out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)

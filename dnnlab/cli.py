@@ -64,7 +64,12 @@ def main() -> None:
         print(usage())
         return
     if command not in COMMANDS:
-        print(f"dnnlab: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"error: unknown command {command!r}: one of {', '.join(COMMANDS)}{hint} (dnnlab --help)",
+              file=sys.stderr)
         sys.exit(2)
     module, function, hydra_app, _ = COMMANDS[command]
     # At exit, the interpreter's garbage collections walk every object torch and Hydra created (about 0.8 s of

@@ -1,4 +1,5 @@
 """The one exception type that the command line turns into a single line on stderr (no traceback)."""
+import argparse
 
 
 class DnnlabError(Exception):
@@ -11,3 +12,25 @@ def bad_value(key: str, value, allowed: str) -> DnnlabError:
 
 class Pruned(Exception):
     """A sweeper's pruner stopped this trial early (not an error: the run is recorded as pruned)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for dnnlab's plain commands: a bad argument is one line (key, value, what is allowed), not the
+    usage text followed by the error."""
+
+    def error(self, message: str):
+        raise DnnlabError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def at_least(lo: int):
+    """An argparse type: an integer >= lo, named in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: an integer >= {lo}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse

@@ -13,7 +13,6 @@ Written to --out (default RUN/eval/): eval.json, confusion_matrix.csv/.md/.png, 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from contextlib import nullcontext
@@ -26,7 +25,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from dnnlab import checkpoint, validate
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import ArgumentParser, DnnlabError, at_least
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
 from dnnlab.train import pick_device
@@ -137,7 +136,7 @@ def evaluate_run(path: str | Path, out: Path | None = None, split_name: str = "t
         raise DnnlabError(f"--mc-samples={mc_samples} is not allowed: 0 (off) or an integer >= 1")
     if top < 1:
         raise DnnlabError(f"--top={top} is not allowed: an integer >= 1")
-    validate.check_device(device)
+    validate.check_device(device, "--device")
     run = load_trained(path, pick_device(device), data_root)
     out = Path(out) if out is not None else run.run_dir / "eval"
     try:
@@ -215,14 +214,14 @@ def evaluate_run(path: str | Path, out: Path | None = None, split_name: str = "t
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="dnnlab eval", description="Test accuracy and loss, confusion matrix, "
+    parser = ArgumentParser(prog="dnnlab eval", description="Test accuracy and loss, confusion matrix, "
                                      "per-class accuracy and MC dropout of a trained run or checkpoint.")
     parser.add_argument("run", help=checkpoint.RUN_HELP)
-    parser.add_argument("--mc-samples", type=int, default=0, metavar="N",
+    parser.add_argument("--mc-samples", type=at_least(0), default=0, metavar="N",
                         help="MC dropout: average N passes with dropout on (0: off, the default)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"))
     parser.add_argument("--seed", type=int, default=42, help="seed of the MC dropout masks")
-    parser.add_argument("--top", type=int, default=12, help="images in mc_uncertain.png (default 12)")
+    parser.add_argument("--top", type=at_least(1), default=12, help="images in mc_uncertain.png (default 12)")
     parser.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
     parser.add_argument("--data-root", help="where the dataset is, if not where the run found it")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")

@@ -12,7 +12,6 @@ Written to --out (default RUN/latency/): latency.csv/.md, latency.json.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import statistics
@@ -28,7 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from dnnlab import checkpoint, validate
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import ArgumentParser, DnnlabError, at_least
 from dnnlab.record import write_json
 from dnnlab.runs import write_table
 from dnnlab.train import pick_device
@@ -107,7 +106,7 @@ def measure(path, out: Path | None = None, batch_size: int = 256, repeats: int =
         if threads < 1:
             raise DnnlabError(f"--threads={threads} is not allowed: an integer >= 1")
         torch.set_num_threads(threads)
-    validate.check_device(device)
+    validate.check_device(device, "--device")
     dev = pick_device(device)
     run = load_trained(path, dev, data_root)
     out = Path(out) if out is not None else run.run_dir / "latency"
@@ -173,15 +172,15 @@ def print_table(rows: list[dict], title: str, batch_size: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="dnnlab latency", description="Single-image and batched inference "
+    parser = ArgumentParser(prog="dnnlab latency", description="Single-image and batched inference "
                                      "latency of a trained network, in fp32 and lower precisions.")
     parser.add_argument("run", help=checkpoint.RUN_HELP)
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batched call (256)")
-    parser.add_argument("--repeats", type=int, default=300, help="timed single-image calls (batched: a tenth)")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed calls first")
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per batched call (256)")
+    parser.add_argument("--repeats", type=at_least(1), default=300, help="timed single-image calls (batched: a tenth)")
+    parser.add_argument("--warmup", type=at_least(0), default=30, help="untimed calls first")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help="comma-separated subset of fp32,bf16,fp16,int8 (the ones this device lacks are skipped)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, all cores)")
+    parser.add_argument("--threads", type=at_least(1), help="CPU threads (default: torch's, all cores)")
     parser.add_argument("--out", type=Path, help="output folder (default RUN/latency)")
     parser.add_argument("--data-root", help="where the dataset is, if not where the run found it")
     parser.add_argument("--device", default="auto")

@@ -11,7 +11,6 @@ final_metric.png, and for an Optuna study (DIR/optuna_study.json) optuna_history
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dnnlab import stored
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import ArgumentParser, DnnlabError
 from dnnlab.record import pyplot, read_metrics, save_figure
 from dnnlab.runs import mean_spread, write_table
 from dnnlab.ui import console, error
@@ -589,7 +588,7 @@ def report(root: Path, metric: str = "val_acc", out: Path | None = None) -> dict
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dnnlab report", description="A table and plots of a run or a sweep directory (runs at any depth).")
     parser.add_argument("dir", type=Path, metavar="DIR", help="a run directory, or a folder holding runs (a sweep)")
     parser.add_argument("--metric", default="val_acc", choices=METRICS, metavar="METRIC",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dnnlab import stored
-from dnnlab.errors import DnnlabError, bad_value
+from dnnlab.errors import ArgumentParser, DnnlabError, bad_value
 from dnnlab.record import pyplot, save_figure
 from dnnlab.runs import mean_spread, write_table
 
@@ -348,7 +348,7 @@ def list_rows() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dnnlab reproduce", description=__doc__,
+    parser = ArgumentParser(prog="dnnlab reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument("--only", nargs="+", metavar="ID", help="rows by id or its start: ed2, ed3/adam, ed1/ex9")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dnnlab import checkpoint, validate
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import ArgumentParser, DnnlabError
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
 from dnnlab.train import pick_device
@@ -112,7 +112,7 @@ def prune_run(path, out: Path | None = None, threshold: float = 1e-3, levels=LEV
         raise DnnlabError(f"--save={save} is not allowed: a fraction in [0, 1)")
     if scope not in ("global", "layer"):
         raise DnnlabError(f"--scope={scope} is not allowed: global or layer")
-    validate.check_device(device)
+    validate.check_device(device, "--device")
     run = load_trained(path, pick_device(device), data_root)
     out = Path(out) if out is not None else run.run_dir / "prune"
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def _levels(text: str) -> list[float]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="dnnlab prune", description="Sparsity of a trained network and accuracy "
+    parser = ArgumentParser(prog="dnnlab prune", description="Sparsity of a trained network and accuracy "
                                      "against magnitude pruning.")
     parser.add_argument("run", help=checkpoint.RUN_HELP)
     parser.add_argument("--threshold", type=float, default=1e-3, help="|w| below this counts as sparse (1e-3)")

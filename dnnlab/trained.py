@@ -11,7 +11,7 @@ from torch import nn
 
 from dnnlab import checkpoint, stored, validate
 from dnnlab.data import Splits, load
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.model import build_mlp
 
 FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -52,6 +52,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", data_root
     """Rebuild a run's network from its checkpoint (weights_only loading; its saved config is data, see
     dnnlab.stored) and, with_data, load its dataset with its saved data settings."""
     device = torch.device(device)
+    if data_root is not None and not Path(data_root).expanduser().is_dir():  # else the usual places would be used
+        raise bad_value("--data-root", str(data_root), "an existing folder holding the dataset")
     ckpt = checkpoint.find(path)
     state = checkpoint.load(ckpt)
     cfg = stored.checkpoint_config(state, str(ckpt))  # data: no aliases, no interpolations

@@ -57,7 +57,9 @@ def test_no_arguments_print_the_command_list(dnnlab, launcher):
 def test_unknown_command_fails_with_the_command_list(dnnlab):
     result = dnnlab("frobnicate", launcher="script")
     assert result.returncode == 2
-    assert "unknown command 'frobnicate'" in result.stderr and "usage: dnnlab" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown command 'frobnicate': one of train, pretrain" in lines[0]
+    assert "did you mean train?" in dnnlab("trian", launcher="script").stderr
 
 
 def test_train_help_lists_every_group_and_option(dnnlab):
