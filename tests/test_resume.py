@@ -35,6 +35,13 @@ if kind == "checkpoint_write":  # half of the file is on disk, not yet renamed i
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
     ck.atomic_write = atomic_write
+elif kind == "checkpoint_rename":  # the whole file is written and synced under its temporary name, not renamed
+    real_replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == name and hit():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
 elif kind == "metrics_row":  # the n-th metrics row is on disk, its checkpoints are not
     real_log = record.Recorder.log_epoch
     def log_epoch(self, row):
@@ -95,6 +102,8 @@ def assert_same_as_baseline(run_dir: Path, baseline: Path, resumed: bool = True)
     ("checkpoint_write:best.pt@2", True),   # a later best.pt: resumes from the epoch before and writes it again
     ("checkpoint_write:last.pt@3", True),   # overwriting last.pt: the previous one is still whole
     ("checkpoint_write:epoch_2.pt@1", True),  # a periodic checkpoint
+    ("checkpoint_rename:last.pt@3", True),  # last.pt whole under its temporary name, killed before the rename
+    ("checkpoint_rename:best.pt@2", True),  # the same for best.pt
     ("metrics_row:2", True),                # the row is written, its checkpoints are not
     ("step:23", True)])                     # in the middle of epoch 2
 def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, baseline, kill, resumed):
@@ -104,6 +113,9 @@ def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, baseline, k
     done = run(data_root, run_dir)  # the same command again resumes
     assert done.returncode == 0, done.stderr
     assert_same_as_baseline(run_dir, baseline, resumed)
+    # the killed writer's temporary file is gone, and so is nothing else
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(
+        p.name for p in (baseline / "checkpoints").iterdir())
 
 
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
