@@ -81,8 +81,8 @@ def main() -> None:
         if hydra_app:
             from dnnlab.hydra_guard import check_command_line
 
-            check_command_line(hydra_app, args[1:])  # what Hydra builds before the task can check anything
-            sys.argv = [sys.argv[0]] + args[1:]  # Hydra parses the rest of the command line
+            ordered = check_command_line(hydra_app, args[1:])  # what Hydra builds before the task can check it
+            sys.argv = [sys.argv[0]] + ordered  # Hydra parses the rest of the command line
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us, to be told on one line
             run()
         else:

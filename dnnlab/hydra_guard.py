@@ -121,19 +121,36 @@ def _check_logging(node, key: str) -> None:
             _check_logging(value, f"{key}[{i}]")
 
 
-def check_command_line(config_name: str, argv: list[str]) -> None:
+def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     """Compose argv's config as Hydra will (run or multirun) and check its hydra node; nothing to do for the
-    commands that only print (--help, --cfg, --info, --shell-completion)."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
+    commands that only print (--help, --cfg, --info, --shell-completion). Returns argv with Hydra's flags before
+    the overrides: Hydra's own parser refuses `a=1 -m b=2`, with its usage text."""
+    args, ordered = parse(argv)
     if args.experimental_rerun is not None:
         raise DnnlabError("--experimental-rerun loads a pickle file, which can run any code: not allowed; run the "
                           "command again with its overrides (RUN/.hydra/overrides.yaml)")
     if args.help or args.hydra_help or args.shell_completion or args.info or args.cfg:
-        return
+        return ordered
     cfg, multirun = compose(args.config_name or config_name, args)
     check_hydra(cfg.hydra, multirun)
+    return ordered
+
+
+def parse(argv: list[str]):
+    """Hydra's command line, flags and overrides in any order; a bad flag is one line."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise DnnlabError(f"{message} (--help lists the flags)")
+
+    parser.error = error
+    args = parser.parse_intermixed_args(argv)
+    flags = list(argv)
+    for override in args.overrides:
+        flags.remove(override)
+    return args, flags + args.overrides
 
 
 def compose(config_name: str, args) -> tuple[DictConfig, bool]:
