@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from dnnlab.checkpoint import atomic_write
 
 _SAVED: dict[Path, dict[str, bytes]] = {}
+_LOG_SIZES: dict[Path, dict[str, int]] = {}  # run directory -> its log files' sizes before Hydra appended
 _CREATED: dict[Path, Path] = {}  # run directory -> the topmost folder that Hydra creates for it in this command
 
 
@@ -41,6 +42,7 @@ def _remember(run_dir: Path, subdir: str) -> None:
     folder = run_dir / subdir
     if folder.is_dir():
         _SAVED[_absolute(run_dir)] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        _LOG_SIZES[_absolute(run_dir)] = {p.name: p.stat().st_size for p in run_dir.glob("*.log") if p.is_file()}
 
 
 class KeepHydraFiles(Callback):
@@ -60,12 +62,17 @@ class KeepHydraFiles(Callback):
 
 
 def restore(run_dir: Path, subdir: str = ".hydra") -> bool:
-    """Put back the files this run directory held before Hydra wrote its own; False if it had none."""
+    """Put back the files this run directory held before Hydra wrote its own, and cut its log back to where it
+    ended (the refused command's lines go); False if it had none."""
     saved = _SAVED.pop(_absolute(run_dir), None)
     if saved is None:
         return False
     for name, data in saved.items():
         atomic_write(Path(run_dir) / subdir / name, data)
+    for name, size in _LOG_SIZES.pop(_absolute(run_dir), {}).items():
+        log = Path(run_dir) / name
+        if log.is_file() and log.stat().st_size > size:
+            os.truncate(log, size)
     return True
 
 

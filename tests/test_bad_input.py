@@ -4,6 +4,7 @@ at the command line are checked for a sample through real subprocesses."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -183,7 +184,7 @@ def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
     (["optimizer.lr=["], "no viable alternative"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is not allowed"),
     (["data.classes=[0,12]"], "data.classes=[0, 12]"),
-    (["hydra.run.dir=/etc/passwd/run"], "Not a directory"),
+    (["hydra.run.dir=/etc/passwd/run"], "/etc/passwd is not a folder"),
 ])
 def test_command_line_errors_exit_2_with_one_line(data_root, tmp_path, args, expected):
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *args, "trainer.progress=false"],
@@ -193,3 +194,29 @@ def test_command_line_errors_exit_2_with_one_line(data_root, tmp_path, args, exp
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_selu_with_batch_norm_is_allowed_but_warned(make_cfg, tmp_path, caplog):
+    summary = train(make_cfg("activation=selu", "init=lecun_normal", "norm=batchnorm", "trainer.epochs=1"), tmp_path)
+    assert summary["status"] == "completed"
+    assert "SELU normalises itself; norm=batch" in caplog.text
+
+
+def test_a_run_folder_on_a_read_only_file_system_is_one_line_and_untouched(data_root, tmp_path):
+    """The run folder holds a finished run; mounted read-only (a bind mount in a user and mount namespace of its
+    own, as unshare makes it without privileges) the same command is refused in one line."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare (util-linux) and user namespaces, to mount a folder read-only without root")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "dnnlab", "train", "data.val_size=100", "trainer.epochs=1", "trainer.progress=false",
+            f"hydra.run.dir={run}"]
+    env = {**os.environ, "DNNLAB_DATA": str(data_root)}
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    script = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"hydra.run.dir='{run}' is not allowed: a folder dnnlab can write to ({run} is read-only here)" in lines[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -477,3 +477,52 @@ def test_fold_must_be_below_folds(make_cfg, tmp_path):
 
     with pytest.raises(DnnlabError, match=r"data\.fold=5 is not allowed: an integer from 0 to 4"):
         train(make_cfg("data.folds=5", "data.fold=5"), tmp_path)
+
+
+# --- files that are there but are not what they should be: named, never downloaded over ---
+
+@pytest.mark.parametrize("stem,make,expected", [
+    ("t10k-images-idx3-ubyte", "empty", "an empty file (0 bytes)"),
+    ("t10k-labels-idx1-ubyte", "empty_gz", "decompresses to nothing"),
+    ("train-images-idx3-ubyte", "directory", "is a directory, not a file"),
+    ("train-labels-idx1-ubyte", "dangling", "is a dangling symlink"),
+])
+def test_a_broken_data_file_is_named_and_nothing_is_downloaded(tiny, stem, make, expected):
+    folder = tiny / "FashionMNIST" / "raw"
+    for old in folder.glob(stem + "*"):
+        old.unlink()
+    path = folder / (stem + (".gz" if make == "empty_gz" else ""))
+    if make == "empty":
+        path.write_bytes(b"")
+    elif make == "empty_gz":
+        path.write_bytes(gzip.compress(b""))
+    elif make == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(folder / "moved-away")
+    with pytest.raises(DnnlabError) as info:  # not Offline: no download was tried
+        load(data_cfg(tiny), CPU)
+    message = str(info.value)
+    assert str(path) in message and expected in message and "\n" not in message
+    assert not (cache_dir()).exists()  # nothing was written into the user cache
+
+
+def test_a_training_file_of_three_images_is_named(tiny):
+    folder = tiny / "FashionMNIST" / "raw"
+    for old in folder.glob("train-*"):
+        old.unlink()
+    x, _ = read_split(folder, "test")
+    write_arrays(folder, (x[:3], np.array([0, 1, 2])), (x, read_split(folder, "test")[1]))
+    with pytest.raises(DnnlabError, match=r"train-images-idx3-ubyte: 3 images, fewer than the validation split"):
+        load(data_cfg(tiny), CPU)
+    # with one image to validate, two are left to train: of classes 0 and 1, not the ones asked for
+    with pytest.raises(DnnlabError, match=r"train split \(2 images from .*train-labels-idx1-ubyte, of classes \[0, 1\]"):
+        load(data_cfg(tiny, val_size=1, classes=[5, 6]), CPU)
+
+
+def test_an_empty_test_file_is_named(tiny):
+    folder = tiny / "FashionMNIST" / "raw"
+    (x, y), (tx, _) = read_split(folder, "train"), read_split(folder, "test")
+    write_arrays(folder, (x, y), (tx[:0], np.array([], dtype=np.uint8)))
+    with pytest.raises(DnnlabError, match=r"t10k-images-idx3-ubyte: 0 images \(a valid but empty IDX file\)"):
+        load(data_cfg(tiny), CPU)

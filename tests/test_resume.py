@@ -149,3 +149,29 @@ def test_a_finished_run_resumed_changes_no_metric(make_cfg, tmp_path):
     again = train(make_cfg(), tmp_path)
     assert (tmp_path / "metrics.csv").read_text() == rows
     assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"]
+
+
+def files(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("junk", [b"", b"root:x:0:0:root:/root:/bin/bash\n", b"PK\x03\x04 not a zip"])
+def test_resuming_from_a_file_that_is_not_a_checkpoint_is_one_line_and_keeps_the_run(data_root, tmp_path, junk):
+    run_dir = tmp_path / "run"
+    assert run(data_root, run_dir, extra=["trainer.epochs=1"]).returncode == 0
+    (run_dir / "checkpoints" / "last.pt").write_bytes(junk)  # a damaged or replaced last.pt
+    before = files(run_dir)
+    done = run(data_root, run_dir, extra=["trainer.epochs=1"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "last.pt" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert files(run_dir) == before  # .hydra/hydra.yaml, the log and the rest as they were
+
+
+def test_periodic_checkpoints_keep_the_newest(make_cfg, tmp_path):
+    train(make_cfg("trainer.checkpoint_every=1", "trainer.keep_checkpoints=2", "trainer.epochs=5",
+                   "trainer.early_stopping.monitor=null"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*.pt")) == ["epoch_4.pt", "epoch_5.pt"]
+    keep_all = tmp_path / "all"
+    train(make_cfg("trainer.checkpoint_every=2", "trainer.keep_checkpoints=null", "trainer.epochs=5"), keep_all)
+    assert sorted(p.name for p in (keep_all / "checkpoints").glob("epoch_*.pt")) == ["epoch_2.pt", "epoch_4.pt"]
