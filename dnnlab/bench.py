@@ -100,6 +100,15 @@ def fashion_folder(root: Path) -> Path:
     raise DnnlabError(f"--data-root={root} holds no Fashion-MNIST IDX files (nor does {root}/FashionMNIST/raw)")
 
 
+def check_paths(root: Path, keras: str | None) -> None:
+    """The data and the Keras Python the user named are there: refused before anything is written."""
+    fashion_folder(root)
+    if keras and not (os.path.isfile(keras) and os.access(keras, os.X_OK)):
+        from dnnlab.errors import bad_value
+
+        raise bad_value("--keras-python", keras, "a Python interpreter that exists and can run")
+
+
 def write_result(path: str, result: dict) -> None:
     result["peak_rss_mb"] = peak_rss_mb()
     Path(path).write_text(json.dumps(result))
@@ -548,11 +557,7 @@ def main(argv: list[str] | None = None) -> None:
 
         root = locate("fashion_mnist").parent.parent
     root = Path(root).resolve()
-    fashion_folder(root)  # refused here, before anything is written
-    if args.keras_python and not (os.path.isfile(args.keras_python) and os.access(args.keras_python, os.X_OK)):
-        from dnnlab.errors import bad_value
-
-        raise bad_value("--keras-python", args.keras_python, "a Python interpreter that exists and can run")
+    check_paths(root, args.keras_python)
     os.environ["DNNLAB_DATA"] = str(root)
     out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """The one exception type that the command line turns into a single line on stderr (no traceback)."""
 import argparse
+import re
+import sys
 
 
 class DnnlabError(Exception):
@@ -15,11 +17,15 @@ class Pruned(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for dnnlab's plain commands: a bad argument is one line (key, value, what is allowed), not the
-    usage text followed by the error."""
+    """argparse for dnnlab's plain commands: a bad argument is one line on stderr and exit 2 (key=value, what is
+    allowed), not the usage text followed by the error."""
 
     def error(self, message: str):
-        raise DnnlabError(f"{self.prog}: {message} (see {self.prog} --help)")
+        from dnnlab.ui import error
+
+        message = re.sub(r"^argument (\S+): (\S+) is not allowed", r"\1=\2 is not allowed", message)
+        error(f"{message} ({self.prog} --help)")
+        sys.exit(2)
 
 
 def at_least(lo: int):

@@ -38,15 +38,17 @@ def available_bytes(device: torch.device) -> int | None:
         return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE") if pages else None
 
 
-def check_fits(cfg: DictConfig, device: torch.device, n_classes: int = 10) -> None:
-    """Refuse a network whose training cannot fit in the device's free memory, naming the setting that sizes it."""
-    need, free = needed_bytes(cfg, n_classes), available_bytes(device)
+def check_fits(cfg: DictConfig, device: torch.device, n_classes: int = 10, copies: int = 1) -> None:
+    """Refuse a network whose training (`copies` of it side by side: a stacked sweep) cannot fit in the device's
+    free memory, naming the setting that sizes it."""
+    need, free = copies * needed_bytes(cfg, n_classes), available_bytes(device)
     if free is None or need <= free:
         return
-    weights = 2 * FLOAT * n_parameters(cfg, n_classes)
+    weights = copies * 2 * FLOAT * n_parameters(cfg, n_classes)
     key, value = ("trainer.batch_size", cfg.trainer.batch_size) if weights <= free else (
         "model.n_neurons", OmegaConf.to_container(cfg.model.n_neurons) if OmegaConf.is_list(cfg.model.n_neurons)
         else cfg.model.n_neurons)
-    raise bad_value(key, value, f"a size that fits: training this network ({n_parameters(cfg, n_classes):,} "
+    what = f"{copies} of this network" if copies > 1 else "this network"
+    raise bad_value(key, value, f"a size that fits: training {what} ({n_parameters(cfg, n_classes):,} "
                                 f"parameters, batch {cfg.trainer.batch_size}) needs at least {need / 1e9:,.1f} GB, "
                                 f"and {device.type} has {free / 1e9:,.1f} GB free")

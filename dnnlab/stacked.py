@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import checkpoint, validate
+from dnnlab import checkpoint, memory, validate
 from dnnlab.components import make
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
@@ -582,6 +582,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
     first = cfgs[0]
     t = first.trainer
     device = pick_device(t.device)
+    memory.check_fits(first, device, len(first.data.classes or range(10)), copies=len(cfgs))
     threads = pick_stack_threads(t.threads, first, len(cfgs))
     torch.set_num_threads(threads)
     seed_everything(t.seed, t.deterministic)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import rich.progress as rp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -12,7 +13,8 @@ err_console = Console(stderr=True)
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # the message is text, not markup: Hydra's hints hold [brackets] that rich would take as tags
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 class Progress:

@@ -220,3 +220,37 @@ def test_a_run_folder_on_a_read_only_file_system_is_one_line_and_untouched(data_
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert f"hydra.run.dir='{run}' is not allowed: a folder dnnlab can write to ({run} is read-only here)" in lines[0]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_memory_estimate_is_a_lower_bound_of_what_training_allocates(make_cfg):
+    """needed_bytes never exceeds the weights, gradients and one batch's activations that a real step holds."""
+    from dnnlab.memory import n_parameters, needed_bytes
+    from dnnlab.model import build_mlp
+
+    cfg = make_cfg("model.n_hidden=2", "model.n_neurons=[300,100]", "trainer.batch_size=64")
+    net = build_mlp(cfg, 10)
+    params = sum(p.numel() for p in net.parameters())
+    assert n_parameters(cfg, 10) == params
+    x = torch.rand(64, 784, requires_grad=False)
+    net(x).sum().backward()
+    held = 4 * (params + sum(p.grad.numel() for p in net.parameters())) + 4 * 64 * (784 + 300 + 100 + 10)
+    assert needed_bytes(cfg, 10) <= held
+
+
+def test_a_stack_that_cannot_fit_is_refused(make_cfg, monkeypatch):
+    from dnnlab import memory
+
+    cfg = make_cfg("model.n_neurons=1000")
+    need = memory.needed_bytes(cfg, 10)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3 * need)  # room for 3 copies, not 8
+    memory.check_fits(cfg, torch.device("cpu"), copies=3)
+    with pytest.raises(DnnlabError, match="model.n_neurons=1000 is not allowed: a size that fits: training 8 of"):
+        memory.check_fits(cfg, torch.device("cpu"), copies=8)
+
+
+def test_an_error_line_keeps_its_brackets(capsys):
+    """Messages are text: Hydra's `use key=[value1,value2]` must not be read as rich markup and lose its list."""
+    from dnnlab.ui import error
+
+    error("use key=[value1,value2] or [bold]x[/]")
+    assert capsys.readouterr().err.strip() == "error: use key=[value1,value2] or [bold]x[/]"

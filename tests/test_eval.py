@@ -133,7 +133,7 @@ def test_mc_alpha_dropout_keeps_batchnorm_in_inference_mode(trained):
     (["no/such/run"], "does not exist"),
     (["RUN", "--mc-samples", "-1"], "--mc-samples=-1"),
     (["CORRUPT"], "not a readable checkpoint"),
-    (["RUN", "--device", "cuda:7"], "trainer.device"),
+    (["RUN", "--device", "cuda:7"], "--device='cuda:7' is not allowed"),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, message):
     corrupt = tmp_path / "bad.pt"
