@@ -138,6 +138,19 @@ def find(path: str | Path, key: str = "run") -> Path:
     return found
 
 
+def stored_entries(f, size: int) -> bool:
+    """Whether every entry of the zip archive `f` is stored uncompressed, within the file's size (as torch.save
+    writes them); leaves `f` at its start."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            entries = archive.infolist()
+        return all(e.compress_type == zipfile.ZIP_STORED for e in entries) and sum(e.file_size for e in entries) <= size
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # unreadable as a zip: torch's reader says what is wrong
+    finally:
+        f.seek(0)
+
+
 def load(path: Path, map_location="cpu") -> dict:
     """Load a dnnlab checkpoint with weights_only=True: tensors and plain containers only, never code. Anything
     else (a missing, special, empty, text, truncated or foreign file, another program's zip or torch file) is a
@@ -164,6 +177,8 @@ def load(path: Path, map_location="cpu") -> dict:
         if not is_zip:
             raise DnnlabError(f"{path}: not a readable checkpoint (not a torch.save archive: a text, foreign, "
                               f"truncated or corrupt file of {size} bytes)")
+        if not stored_entries(f, size):  # a compressed entry may inflate a small file into any amount of memory
+            raise DnnlabError(f"{path}: not a dnnlab checkpoint (compressed entries, which torch.save never writes)")
         try:
             state = torch.load(f, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:

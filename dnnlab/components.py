@@ -43,10 +43,26 @@ def table() -> dict[str, Callable]:
     return found
 
 
+def _extra() -> list[str]:
+    return [p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p]
+
+
 def user_allowed(name: str) -> bool:
-    """Named by $DNNLAB_ALLOWED_TARGETS (the user's own components, opted in on this machine)."""
-    extra = [p for p in os.environ.get("DNNLAB_ALLOWED_TARGETS", "").split(",") if p]
-    return any(name == p or (p.endswith(".") and name.startswith(p)) for p in extra)
+    """Named by $DNNLAB_ALLOWED_TARGETS (the user's own components, opted in on this machine). A name that only a
+    prefix allows must be defined under that prefix: the importer follows attributes, and mypkg.x.subprocess.run
+    is subprocess.run."""
+    if name in _extra():
+        return True
+    prefixes = [p for p in _extra() if p.endswith(".") and name.startswith(p)]
+    if not prefixes:
+        return False
+    from hydra.utils import get_object
+
+    try:
+        module = getattr(get_object(name), "__module__", None) or ""
+    except Exception:  # not importable: nothing to allow
+        return False
+    return any(f"{module}.".startswith(p) for p in prefixes)
 
 
 def allowed(name) -> bool:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, components
 from dnnlab.errors import DnnlabError, bad_value
-from dnnlab.validate import _ABSENT, _targets, int_min, integer, num, optional
+from dnnlab.validate import _ABSENT, int_min, integer, num, optional
 
 # The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test, allowed.
 LAUNCHER_RULES = {
@@ -61,17 +61,43 @@ def logging_parts() -> frozenset[str]:
                      for name, value in vars(module).items() if isinstance(value, type) and issubclass(value, kinds))
 
 
+def resolved(node):
+    """The config as plain values, each interpolation resolved where it can be now (`${foo}` may bring in a whole
+    section that Hydra would build); those that only Hydra's job runtime knows stay as their text (strings)."""
+    if OmegaConf.is_config(node):
+        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+        out = [] if OmegaConf.is_list(node) else {}
+        for key in keys:
+            try:
+                value = resolved(node[key])
+            except Exception:  # ${hydra:...}, ${hydra.runtime.output_dir}: strings once Hydra resolves them
+                value = str(node._get_node(key)._value())
+            out.append(value) if isinstance(out, list) else out.__setitem__(key, value)
+        return out
+    return node
+
+
+def plain_targets(node, path: str):
+    """(key, target) of every _target_ in plain dicts and lists."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        child = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}"
+        if key == "_target_":
+            yield child, value
+        else:
+            yield from plain_targets(value, child)
+
+
 def check_hydra(hydra_cfg: DictConfig, multirun: bool = False) -> None:
     """Refuse a part of the hydra node that Hydra would build and that is not known, a bad launcher setting, and
     an output folder that cannot be written."""
-    for key, target in _targets(hydra_cfg, "hydra"):
+    data = resolved(hydra_cfg)
+    for key, target in plain_targets(data, "hydra"):
         if not (components.allowed(target) or target in hydra_parts()):
             raise bad_value(key, target, "a Hydra launcher, sweeper or callback that is installed, or a dnnlab "
                                          "component; allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
     for name in LOGGING_KEYS:
-        section = OmegaConf.select(hydra_cfg, name, throw_on_resolution_failure=False)
-        if OmegaConf.is_config(section):
-            _check_logging(OmegaConf.to_container(section, resolve=False), f"hydra.{name}")
+        _check_logging(data.get(name), f"hydra.{name}")
     launcher = hydra_cfg.get("launcher")
     for name, (ok, allowed) in LAUNCHER_RULES.items():
         value = OmegaConf.select(launcher, name, default=_ABSENT, throw_on_resolution_failure=False) \

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dnnlab import checkpoint, stored, validate
+from dnnlab import checkpoint, memory, stored, validate
 from dnnlab.data import Splits, load
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.model import build_mlp
@@ -61,13 +61,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", data_root
     if data_root is not None:
         cfg.data.root = str(data_root)
     classes = list(state.get("classes") or range(10))
-    with torch.random.fork_rng(devices=[]):  # the random initialisation (overwritten below) leaves no trace
-        model = build_mlp(cfg, len(classes))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)[:120]
-        raise DnnlabError(f"{ckpt}: the weights do not fit the network its config describes ({first[:120]})") from None
+    model = network(cfg, state, len(classes), ckpt)
     model.to(device).eval()
     data = None
     if with_data:
@@ -75,6 +69,24 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", data_root
         if list(data.classes) != classes:
             raise DnnlabError(f"{ckpt}: trained on classes {classes}, but the data config gives {list(data.classes)}")
     return Trained(model, cfg, data, ckpt, run_dir_of(ckpt), state, device)
+
+
+def network(cfg: DictConfig, state: dict, n_classes: int, ckpt: Path) -> nn.Sequential:
+    """The network a checkpoint's saved config describes, with its weights; built only when the file holds that
+    many weights (a config is text: it could ask for any size), and one line naming the file if they do not fit."""
+    held = sum(t.numel() for t in state["model"].values())
+    if memory.n_parameters(cfg, n_classes) > held:
+        raise DnnlabError(f"{ckpt}: its saved config describes {memory.n_parameters(cfg, n_classes):,} parameters, "
+                          f"its weights hold {held:,} numbers; not a checkpoint of that network")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the random initialisation (overwritten below) leaves no trace
+            model = build_mlp(cfg, n_classes)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:120]
+        raise DnnlabError(f"{ckpt}: the weights do not fit the network its config describes ({detail})") from None
+    return model
 
 
 def split(data: Splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:

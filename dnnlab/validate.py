@@ -83,7 +83,7 @@ RULES = {
     "data.fold": (int_min(0), "an integer from 0 to data.folds - 1"),
     "data.standardize": (one_of("none", "global", "per_pixel"), "none, global or per_pixel"),
     "data.seed": (integer, "an integer"),
-    "model.n_hidden": (int_min(0), "an integer >= 0"),
+    "model.n_hidden": (lambda v: integer(v) and 0 <= v <= 10_000, "an integer from 0 to 10,000"),
     "model.n_neurons": (lambda v: int_min(1)(v) or is_list(int_min(1), 1)(v),
                         "an integer >= 1 or a list of them, e.g. [300,100]"),
     "init.scale": POSITIVE,
@@ -263,7 +263,11 @@ def check_saved(cfg: DictConfig, source: str) -> None:
     if missing:
         raise DnnlabError(f"{source}: its saved config has no '{missing[0]}' section; not a dnnlab training config")
     try:
-        check_values(cfg, skip=MACHINE_KEYS)
+        check_values(cfg, skip=MACHINE_KEYS)  # where the files were on the machine it was trained on: not here
+        for key in MACHINE_KEYS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is not None and not isinstance(value, str):
+                raise bad_value(key, value, "null or text (a path or a device name)")
         check_targets(cfg)
         check_combinations(cfg)
     except DnnlabError as e:

@@ -158,6 +158,11 @@ def test_other_torch_components_are_allowed_and_more_can_be_allowed_by_name(make
     check(cfg)
     monkeypatch.setenv("DNNLAB_ALLOWED_TARGETS", "collections.")  # a trailing dot: everything under it
     check(cfg)
+    # ...defined under it: the importer follows attributes, and logging.os.system is os.system
+    monkeypatch.setenv("DNNLAB_ALLOWED_TARGETS", "logging.")
+    check(make_cfg("activation._target_=logging.StreamHandler"))
+    with pytest.raises(DnnlabError, match="activation._target_='logging.os.system' is not allowed"):
+        check(make_cfg("activation._target_=logging.os.system"))
 
 
 def test_a_target_inside_a_list_is_checked_too(make_cfg, tmp_path):

@@ -172,3 +172,18 @@ def test_load_reads_from_an_open_file_the_same(tmp_path):
     mine = checkpoint.load(tmp_path / "c.pt")
     theirs = torch.load(io.BytesIO((tmp_path / "c.pt").read_bytes()), weights_only=True)
     assert torch.equal(mine["model"]["w"], theirs["model"]["w"]) and mine["epoch"] == theirs["epoch"]
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_is_inflated(tmp_path):
+    """torch.load reads deflated entries too: 4 MB of zeros would come from a few KB; dnnlab's files are stored."""
+    real = tmp_path / "real.pt"
+    checkpoint.save(real, {"model": {"w": torch.zeros(1 << 20)}, "config": "a: 1", "epoch": 1})
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(real) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry))
+    assert bomb.stat().st_size < real.stat().st_size / 100
+    assert torch.load(bomb, weights_only=True)["epoch"] == 1  # torch itself would inflate it
+    with pytest.raises(DnnlabError, match="compressed entries"):
+        checkpoint.load(bomb)
+    assert checkpoint.load(real)["epoch"] == 1

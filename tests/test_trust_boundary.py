@@ -75,7 +75,10 @@ def test_a_target_in_a_list_on_the_command_line_does_not_run(data_root, tmp_path
     ["-m", "hydra/sweeper=optuna", "+hydra.sweeper.x={{_target_:builtins.open,file:{marker},mode:w}}"],
     ["-m", "hydra/launcher=joblib", "+hydra.launcher.x=[{{_target_:builtins.open,file:{marker},mode:w}}]",
      "optimizer=adam,sgd"],
-], ids=["callback", "launcher setting", "sweeper setting", "inside a list"])
+    ["+foo={{_target_:builtins.open,file:{marker},mode:w}}", "+hydra.callbacks.x=${{foo}}"],
+    ["-m", "+foo={{_target_:builtins.open,file:{marker},mode:w}}", "+hydra.launcher.x=${{foo}}", "optimizer=adam,sgd"],
+], ids=["callback", "launcher setting", "sweeper setting", "inside a list", "callback by interpolation",
+        "launcher setting by interpolation"])
 def test_hydra_parts_that_are_not_known_are_refused_before_hydra_builds_them(data_root, tmp_path, args):
     marker = tmp_path / "marker"
     done = dnnlab("train", *[a.format(marker=marker) for a in args], "debug=smoke", cwd=tmp_path,
@@ -86,12 +89,15 @@ def test_hydra_parts_that_are_not_known_are_refused_before_hydra_builds_them(dat
 
 @pytest.mark.parametrize("override,expected", [
     ("hydra.job_logging.handlers.console.class=builtins.open", "class='builtins.open'"),
+    ("+foo={class:builtins.open} hydra.job_logging.handlers.console=${foo}", "class='builtins.open'"),
     ("hydra.job_logging.handlers.console.stream=ext://os.system", "stream='ext://os.system'"),
 ])
 def test_logging_factories_are_only_the_logging_packages(data_root, tmp_path, override, expected):
     marker = tmp_path / "marker"
-    done = dnnlab("train", override, f"+hydra.job_logging.handlers.console.file={marker}",
-                  "+hydra.job_logging.handlers.console.mode=w", "debug=smoke", cwd=tmp_path, data_root=data_root)
+    target = [f"+hydra.job_logging.handlers.console.file={marker}", "+hydra.job_logging.handlers.console.mode=w"]
+    if "${" in override:  # the whole handler comes from the interpolation
+        override, target = override.replace("{class:", f"{{filename:{marker},mode:w,class:"), []
+    done = dnnlab("train", *override.split(), *target, "debug=smoke", cwd=tmp_path, data_root=data_root)
     refused(done, expected)
     assert not marker.exists()
 
@@ -161,3 +167,12 @@ def test_report_reads_a_run_folders_alias_bomb_without_hanging(tmp_path):
         (run / ".hydra" / name).write_text(ALIAS_BOMB)
     done = dnnlab("report", str(tmp_path / "sweep"), cwd=tmp_path)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda text: text.replace("n_hidden: 1", "n_hidden: 10000"), "parameters, its weights hold 6,370 numbers"),
+    (lambda text: text.replace("n_hidden: 1", "n_hidden: 100000000"), "model.n_hidden=100000000 is not allowed"),
+    (lambda text: text.replace("  root: ", "  root: 123 #"), "data.root=123 is not allowed"),
+], ids=["a network larger than its weights", "a huge depth", "a number as a path"])
+def test_a_saved_config_that_does_not_describe_its_weights_is_one_line(crafted, tmp_path, edit, expected):
+    refused(dnnlab("eval", str(crafted(edit)), cwd=tmp_path), expected)
