@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich import box
 from rich.table import Table
 
-from dnnlab import CONF_DIR, transfer
+from dnnlab import CONF_DIR, hydra_files, transfer
 from dnnlab.checkpoint import atomic_write
 from dnnlab.diagnostics import Diagnostics, activation_stats, capture, hidden_layers, settings
 from dnnlab.errors import bad_value
@@ -95,6 +95,7 @@ def diagnose(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     dset = diagnostics_settings(cfg)
     t = cfg.trainer
     device, data, model = prepare(cfg, parallel_jobs)
+    hydra_files.started(run_dir)  # checked: from here the run writes
     if cfg.transfer.source:
         transfer.reuse(model, cfg)
     layers = hidden_layers(model)

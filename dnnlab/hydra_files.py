@@ -84,10 +84,19 @@ def discard_new(run_dir: Path, subdir: str = ".hydra") -> bool:
     top = _CREATED.pop(run_dir, None)
     if top is None or not all(p.name == subdir or p.suffix == ".log" for p in run_dir.iterdir()):
         return False
-    folder = run_dir
-    while folder != top:  # every folder between top and the run directory holds only the way down
-        if [p.name for p in folder.parent.iterdir()] != [folder.name]:
-            return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while folder != top.parent:  # the dated folders above it, bottom-up, while empty (another run may be there)
+        try:
+            folder.rmdir()
+        except OSError:
+            break
         folder = folder.parent
-    shutil.rmtree(top, ignore_errors=True)
     return True
+
+
+def started(run_dir: Path) -> None:
+    """The task has checked everything and starts writing: from here an error is a failed run, whose folder, log
+    and .hydra/ files stay as they are."""
+    for saved in (_SAVED, _LOG_SIZES, _CREATED):
+        saved.pop(_absolute(run_dir), None)

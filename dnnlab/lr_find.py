@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from dnnlab import CONF_DIR, transfer
+from dnnlab import CONF_DIR, hydra_files, transfer
 from dnnlab.checkpoint import atomic_write
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.optim import GradientRules, build_optimizer
@@ -209,6 +209,7 @@ def lr_find(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     check(s)
     t = cfg.trainer
     device, data, model = prepare(cfg, parallel_jobs)
+    hydra_files.started(run_dir)  # checked: from here the run writes
     if cfg.transfer.source:
         transfer.reuse(model, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,15 @@ def needed_bytes(cfg: DictConfig, n_classes: int) -> int:
     """At least: the weights and their gradients, and one batch's activations kept for the backward pass (the
     optimizer's state and the data come on top, so this never refuses what would fit)."""
     activations = cfg.trainer.batch_size * (IN_FEATURES + sum(widths(cfg.model)) + n_classes)
-    return FLOAT * (2 * n_parameters(cfg, n_classes) + activations)
+    per_activation = 2 if cfg.trainer.get("precision") == "bf16" else FLOAT  # autocast keeps them in bf16
+    return FLOAT * 2 * n_parameters(cfg, n_classes) + per_activation * activations
 
 
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on the device (CUDA: the driver's count; CPU: MemAvailable), None where it cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # what the driver has free, and what this process's cache holds unused
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import CONF_DIR, checkpoint
+from dnnlab import CONF_DIR, checkpoint, hydra_files
 from dnnlab.components import make
 from dnnlab.errors import bad_value
 from dnnlab.model import widths
@@ -109,6 +109,7 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
 
 def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     device, data, model = prepare(cfg, parallel_jobs)
+    hydra_files.started(run_dir)  # checked: from here the run writes
     t, p = cfg.trainer, cfg.pretrain
     if p.kind == "same_digit" and cfg.data.n_per_class is not None:
         log.warning("same_digit pairs come from data.n_per_class=%s images per class", cfg.data.n_per_class)

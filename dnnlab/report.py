@@ -181,7 +181,7 @@ def load_yaml(path: Path):
     """A .hydra file as an OmegaConf config (interpolations unresolved), or None if absent or unreadable; read as
     data (dnnlab.stored: bounded, no YAML aliases), as a folder may come from anyone."""
     try:
-        return OmegaConf.create(stored.read(path))
+        return OmegaConf.create(stored.read_mapping(path))
     except Exception:  # missing, half-written, not YAML
         return None
 

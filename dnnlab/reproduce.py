@@ -293,7 +293,7 @@ def setting(path: Path) -> str:
     from omegaconf import OmegaConf
 
     try:
-        c = OmegaConf.create(stored.read(path / ".hydra" / "config.yaml"))
+        c = OmegaConf.create(stored.read_mapping(path / ".hydra" / "config.yaml"))
     except (OSError, DnnlabError):
         return ""
     d, m, o, t = c.data, c.model, c.optimizer, c.trainer

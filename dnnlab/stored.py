@@ -9,6 +9,9 @@ reproduce). They are data, never code:
 """
 from __future__ import annotations
 
+import os
+import re
+import stat
 from pathlib import Path
 
 import torch
@@ -44,9 +47,33 @@ def plain(text: str, source: str):
 
 
 def read(path: Path, source: str | None = None):
-    """plain() of a file, reading no more than MAX_BYTES + 1 characters of it."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return plain(f.read(MAX_BYTES + 1), source or str(path))
+    """plain() of a regular file (a fifo would block the reader), reading no more than MAX_BYTES + 1 bytes of it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DnnlabError(f"{source or path}: not a regular file")
+        return plain(f.read(MAX_BYTES + 1).decode("utf-8", errors="replace"), source or str(path))
+
+
+def read_mapping(path: Path):
+    """read() of a file that must hold a mapping or a list (a .hydra file); anything else is an error, so that no
+    string is parsed again by OmegaConf (which would expand its aliases)."""
+    data = read(path)
+    if not isinstance(data, (dict, list)):
+        raise DnnlabError(f"{path}: not a mapping or a list of settings")
+    return inert(data)
+
+
+def inert(node):
+    """The data with every resolver call (`${oc.env:SECRET}`, `${now:...}`) escaped to stay text: a file from
+    someone else may reference other keys of itself (`${optimizer.lr}`), never this machine's environment."""
+    if isinstance(node, dict):
+        return {key: inert(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [inert(value) for value in node]
+    if isinstance(node, str) and re.search(r"\$\{[^}]*:", node):
+        return node.replace("${", "\\${")
+    return node
 
 
 def config(text: str, source: str) -> DictConfig:

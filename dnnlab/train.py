@@ -303,11 +303,16 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# trainer keys that may differ between a run and its resumption: they change what is shown or kept, not a number
+# (keep_checkpoints is also absent from the checkpoints of earlier versions)
+RESUMABLE_CHANGES = ("resume", "progress", "keep_checkpoints")
+
+
 def comparable(cfg: DictConfig) -> dict:
     """The config without the keys that may change between an interrupted run and its resumption."""
     data = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(data.get("trainer"), dict):
-        data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in ("resume", "progress")}
+        data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in RESUMABLE_CHANGES}
     return data
 
 
@@ -372,6 +377,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     checkpoint.remove_stale_temporaries(run_dir / "checkpoints")  # a killed writer's half-written files
     resume = resume_point(run_dir, t, config_text)
+    hydra_files.started(run_dir)
     recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0)
     rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]
     write_json(run_dir / "environment.json", environment(device))

@@ -76,9 +76,23 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def machine_identity() -> dict:
+    """This process id namespace and this boot: containers that share a host name but not their process ids
+    cannot see each other's processes, and a process of an earlier boot is gone."""
+    found = {}
+    for key, read in (("boot", lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+                      ("pid_namespace", lambda: os.readlink("/proc/self/ns/pid"))):
+        try:
+            found[key] = read()
+        except OSError:
+            found[key] = ""
+    return found
+
+
 def owner_record() -> dict:
     """This process as the owner of a trial; its start time tells it from a later process given the same pid."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()),
+            **machine_identity()}
 
 
 def owner_alive(owner: Mapping[str, Any]) -> bool | None:
@@ -86,6 +100,11 @@ def owner_alive(owner: Mapping[str, Any]) -> bool | None:
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or os.name == "nt":
         return None  # on Windows os.kill(pid, 0) would terminate the process
+    here = machine_identity()
+    if owner.get("pid_namespace", here["pid_namespace"]) != here["pid_namespace"]:
+        return None  # another container of the same name: its processes are not ours to see
+    if owner.get("boot", here["boot"]) != here["boot"]:
+        return False  # started before this machine last booted
     if os.path.exists("/proc/self/stat"):
         started = process_start(pid)
         return started is not None and owner.get("started") in (None, started)

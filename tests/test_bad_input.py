@@ -227,18 +227,29 @@ def test_a_run_folder_on_a_read_only_file_system_is_one_line_and_untouched(data_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_the_memory_estimate_is_a_lower_bound_of_what_training_allocates(make_cfg):
-    """needed_bytes never exceeds the weights, gradients and one batch's activations that a real step holds."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_memory_estimate_is_a_lower_bound_of_what_training_holds(make_cfg, precision):
+    """needed_bytes never exceeds what a real step holds: the weights, their gradients and the tensors autograd
+    saves for the backward pass (measured with saved-tensor hooks; bf16 under autocast)."""
     from dnnlab.memory import n_parameters, needed_bytes
     from dnnlab.model import build_mlp
 
-    cfg = make_cfg("model.n_hidden=2", "model.n_neurons=[300,100]", "trainer.batch_size=64")
+    cfg = make_cfg("model.n_hidden=2", "model.n_neurons=[300,100]", "trainer.batch_size=64",
+                   f"trainer.precision={precision}")
     net = build_mlp(cfg, 10)
     params = sum(p.numel() for p in net.parameters())
     assert n_parameters(cfg, 10) == params
-    x = torch.rand(64, 784, requires_grad=False)
-    net(x).sum().backward()
-    held = 4 * (params + sum(p.grad.numel() for p in net.parameters())) + 4 * 64 * (784 + 300 + 100 + 10)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if not isinstance(t, torch.nn.Parameter) else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = net(torch.rand(64, 784)).float().sum()
+    loss.backward()
+    held = 4 * (params + sum(p.grad.numel() for p in net.parameters())) + sum(saved)
     assert needed_bytes(cfg, 10) <= held
 
 

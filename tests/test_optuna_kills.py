@@ -238,3 +238,14 @@ def test_bad_sweeper_settings_are_refused_before_the_first_trial(sweep, override
     assert result.stderr.strip().splitlines() == [f"error: hydra.sweeper.{shown} is not allowed: {allowed}"]
     assert "Traceback" not in result.stdout + result.stderr
     assert not (sweep.dir / "optuna.journal").exists() and "Launching" not in result.stdout
+
+
+def test_an_owner_in_another_pid_namespace_cannot_be_judged_and_one_from_an_earlier_boot_is_gone():
+    """A container sharing this host name but not its process ids: its pid means nothing here (None, never reaped
+    by this host's check). A record from before this machine booted: its process is gone, whatever its pid."""
+    from dnnlab.trial import owner_alive, owner_record
+
+    mine = owner_record()
+    assert owner_alive(mine) is True
+    assert owner_alive({**mine, "pid_namespace": "pid:[1]"}) is None
+    assert owner_alive({**mine, "boot": "another-boot"}) is False

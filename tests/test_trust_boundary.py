@@ -176,3 +176,30 @@ def test_report_reads_a_run_folders_alias_bomb_without_hanging(tmp_path):
 ], ids=["a network larger than its weights", "a huge depth", "a number as a path"])
 def test_a_saved_config_that_does_not_describe_its_weights_is_one_line(crafted, tmp_path, edit, expected):
     refused(dnnlab("eval", str(crafted(edit)), cwd=tmp_path), expected)
+
+
+def test_report_does_not_read_this_machines_environment_for_a_run_folder(tmp_path):
+    """A run folder's config may hold `${oc.env:...}`: report shows it as text, it never resolves it."""
+    for n, lr in ((0, "0.1"), (1, "${oc.env:DNNLAB_TEST_SECRET}")):
+        run = tmp_path / "sweep" / str(n)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"optimizer:\n  lr: {lr}\n")
+        (run / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n" if n == 0 else "[]\n")
+    os.environ["DNNLAB_TEST_SECRET"] = "hunter2"
+    try:
+        done = dnnlab("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    finally:
+        del os.environ["DNNLAB_TEST_SECRET"]
+    assert done.returncode == 0, done.stderr
+    written = "".join(p.read_text() for p in (tmp_path / "sweep").glob("report.*") if p.suffix in (".csv", ".md"))
+    assert "hunter2" not in done.stdout + written and "oc.env:DNNLAB_TEST_SECRET" in written
+
+
+def test_report_reads_a_fifo_or_a_quoted_alias_bomb_without_hanging(tmp_path):
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    os.mkfifo(run / ".hydra" / "hydra.yaml")
+    (run / ".hydra" / "config.yaml").write_text('"' + ALIAS_BOMB.replace("\n", "\\n") + '"')  # one quoted string
+    (run / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n")
+    done = dnnlab("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

@@ -416,10 +416,15 @@ class OptunaSweep:
 
     def tell(self, study: optuna.Study, trial: optuna.trial.Trial, state: TrialState, value: float | None,
              status: str, reason: str | None) -> None:
-        trial.set_user_attr("status", status)
-        if reason:
-            trial.set_user_attr("reason", str(reason))
-        told(study, trial, value if state == TrialState.COMPLETE else None, state)
+        try:
+            trial.set_user_attr("status", status)
+            if reason:
+                trial.set_user_attr("reason", str(reason))
+            told(study, trial, value if state == TrialState.COMPLETE else None, state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another sweeper took this one for dead: its result
+            log.warning(f"trial {trial.number} was failed by another sweeper meanwhile; its result ({status}) is "
+                        "not recorded")
+            return
         params = params_text(trial.params)
         if state == TrialState.COMPLETE:
             best = study.best_trial
