@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="dnnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, help="holds FashionMNIST/raw and MNIST/raw (default: $DNNLAB_DATA)")
-    parser.add_argument("--epochs", type=at_least(1), default=4, help="measured epochs per run, after one warm-up epoch")
+    parser.add_argument("--epochs", type=at_least(1), default=4,
+                        help="measured epochs per run, after one warm-up epoch")
     parser.add_argument("--rounds", type=at_least(1), default=2, help="times each contender runs, alternately")
     parser.add_argument("--jobs", type=at_least(1), default=8, help="jobs in the stacked sweep")
     parser.add_argument("--val-size", type=at_least(1), default=5000)

@@ -99,7 +99,8 @@ def keep_newest_periodic(folder: Path, keep: int | None) -> list[Path]:
     Returns what was deleted."""
     if keep is None:
         return []
-    periodic = sorted((p for p in Path(folder).glob("epoch_*.pt") if p.stem[6:].isdigit()), key=lambda p: int(p.stem[6:]))
+    periodic = sorted((p for p in Path(folder).glob("epoch_*.pt") if p.stem[6:].isdigit()),
+                      key=lambda p: int(p.stem[6:]))
     old = periodic[:-keep]
     for path in old:
         path.unlink(missing_ok=True)

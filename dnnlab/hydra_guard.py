@@ -21,7 +21,8 @@ from dnnlab import CONF_DIR, components
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.validate import _ABSENT, int_min, integer, num, optional
 
-# The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test, allowed.
+# The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test,
+# what is allowed.
 LAUNCHER_RULES = {
     "n_jobs": (lambda v: v is None or (integer(v) and v != 0), "null or a non-zero integer (-1: every core)"),
     "max_group": (optional(int_min(1)), "null (every compatible job) or an integer >= 1"),
@@ -64,17 +65,16 @@ def logging_parts() -> frozenset[str]:
 def resolved(node):
     """The config as plain values, each interpolation resolved where it can be now (`${foo}` may bring in a whole
     section that Hydra would build); those that only Hydra's job runtime knows stay as their text (strings)."""
-    if OmegaConf.is_config(node):
-        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
-        out = [] if OmegaConf.is_list(node) else {}
-        for key in keys:
-            try:
-                value = resolved(node[key])
-            except Exception:  # ${hydra:...}, ${hydra.runtime.output_dir}: strings once Hydra resolves them
-                value = str(node._get_node(key)._value())
-            out.append(value) if isinstance(out, list) else out.__setitem__(key, value)
-        return out
-    return node
+    if not OmegaConf.is_config(node):
+        return node
+    keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+    values = []
+    for key in keys:
+        try:
+            values.append(resolved(node[key]))
+        except Exception:  # ${hydra:...}, ${hydra.runtime.output_dir}: strings once Hydra resolves them
+            values.append(str(node._get_node(key)._value()))
+    return values if OmegaConf.is_list(node) else dict(zip(keys, values))
 
 
 def plain_targets(node, path: str):
