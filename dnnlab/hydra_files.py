@@ -77,12 +77,13 @@ def restore(run_dir: Path, subdir: str = ".hydra") -> bool:
 
 
 def discard_new(run_dir: Path, subdir: str = ".hydra") -> bool:
-    """Remove the run directory this command created (with the dated folders above it that it created too), when
-    it holds only what Hydra wrote (the config files and the log) and nothing else appeared beside it; False if it
+    """Remove the run directory this command created, when it holds only what Hydra wrote (the config files and
+    the log), and the dated folders above it that the command created too, while they are empty; False if it
     existed before or holds anything else (a run's results are never removed)."""
     run_dir = _absolute(run_dir)
     top = _CREATED.pop(run_dir, None)
-    if top is None or not all(p.name == subdir or p.suffix == ".log" for p in run_dir.iterdir()):
+    if top is None or not run_dir.is_dir() or \
+            not all(p.name == subdir or p.suffix == ".log" for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     folder = run_dir.parent
