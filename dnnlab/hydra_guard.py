@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, components
 from dnnlab.errors import DnnlabError, bad_value
-from dnnlab.validate import _ABSENT, int_min, integer, num, optional
+from dnnlab.validate import int_min, integer, num, optional, targets, walk
 
 # The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test,
 # what is allowed.
@@ -77,33 +77,20 @@ def resolved(node):
     return values if OmegaConf.is_list(node) else dict(zip(keys, values))
 
 
-def plain_targets(node, path: str):
-    """(key, target) of every _target_ in plain dicts and lists."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        child = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}"
-        if key == "_target_":
-            yield child, value
-        else:
-            yield from plain_targets(value, child)
-
-
 def check_hydra(hydra_cfg: DictConfig, multirun: bool = False) -> None:
     """Refuse a part of the hydra node that Hydra would build and that is not known, a bad launcher setting, and
     an output folder that cannot be written."""
     data = resolved(hydra_cfg)
-    for key, target in plain_targets(data, "hydra"):
+    for key, target in targets(data, "hydra"):
         if not (components.allowed(target) or target in hydra_parts()):
             raise bad_value(key, target, "a Hydra launcher, sweeper or callback that is installed, or a dnnlab "
                                          "component; allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
     for name in LOGGING_KEYS:
         _check_logging(data.get(name), f"hydra.{name}")
-    launcher = hydra_cfg.get("launcher")
+    launcher = data.get("launcher") if isinstance(data.get("launcher"), dict) else {}
     for name, (ok, allowed) in LAUNCHER_RULES.items():
-        value = OmegaConf.select(launcher, name, default=_ABSENT, throw_on_resolution_failure=False) \
-            if OmegaConf.is_dict(launcher) else _ABSENT
-        if value is not _ABSENT and not ok(value):
-            raise bad_value(f"hydra.launcher.{name}", value, allowed)
+        if name in launcher and not ok(launcher[name]):
+            raise bad_value(f"hydra.launcher.{name}", launcher[name], allowed)
     check_output_dir(hydra_cfg, "sweep.dir" if multirun else "run.dir")
 
 
@@ -133,18 +120,12 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def _check_logging(node, key: str) -> None:
-    if isinstance(node, dict):
-        for name, value in node.items():
-            child = f"{key}.{name}"
-            if name in ("()", "class") and not (isinstance(value, str) and value in logging_parts()):
-                raise bad_value(child, value, "a class of the logging package, e.g. logging.StreamHandler")
-            if isinstance(value, str) and value.startswith("ext://") and value not in STREAMS:
-                raise bad_value(child, value, " or ".join(STREAMS))
-            _check_logging(value, child)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_logging(value, f"{key}[{i}]")
+def _check_logging(section, key: str) -> None:
+    for child, name, value in walk(section, key):
+        if name in ("()", "class") and not (isinstance(value, str) and value in logging_parts()):
+            raise bad_value(child, value, "a class of the logging package, e.g. logging.StreamHandler")
+        if isinstance(value, str) and value.startswith("ext://") and value not in STREAMS:
+            raise bad_value(child, value, " or ".join(STREAMS))
 
 
 def check_command_line(config_name: str, argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from dnnlab.errors import DnnlabError
+from dnnlab.validate import walk
 
 MAX_BYTES = 1 << 20  # a resolved dnnlab config is about 5 kB
 
@@ -83,7 +84,7 @@ def config(text: str, source: str) -> DictConfig:
     if not isinstance(data, dict):
         raise DnnlabError(f"{source}: its saved config is not a mapping of settings; not a dnnlab config")
     try:
-        for key, value in _leaves(data):
+        for key, _, value in walk(data):
             if isinstance(value, str) and "${" in value:
                 raise DnnlabError(f"{source}: its saved config has an interpolation at {key} ({value[:60]!r}); "
                                   "dnnlab saves resolved configs, so it was not written by dnnlab")
@@ -105,17 +106,6 @@ def checkpoint_config(state: dict, source: str) -> DictConfig:
                                     and all(type(c) is int and 0 <= c <= 9 for c in classes)):
         raise DnnlabError(f"{source}: its classes {str(classes)[:60]} are not at least 2 distinct digits 0-9")
     return config(state["config"], source)
-
-
-def _leaves(node, path: str = ""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _leaves(value, f"{path}[{i}]")
-    else:
-        yield path, node
 
 
 def _first_line(error: Exception) -> str:

@@ -183,23 +183,23 @@ for _kind in ("dropout", "alpha_dropout"):
     RULES[f"regularizer.{_kind}.input"] = BOOL
 
 
-def _targets(node, path=""):
-    """(key, target) of every _target_ in the config, in dicts and lists at any depth (Hydra instantiates both)."""
-    if OmegaConf.is_list(node):
-        for i in range(len(node)):
-            yield from _targets(node._get_node(i), f"{path}[{i}]")
-    elif OmegaConf.is_dict(node):
-        for key in node:
-            child = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                yield child, node[key]
-            else:
-                yield from _targets(node._get_node(key), child)
+def walk(node, path: str = ""):
+    """(path, key, value) of every entry of plain dicts and lists, at any depth: `a.b[0].c`."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        child = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key)
+        yield child, key, value
+        yield from walk(value, child)
+
+
+def targets(data, path: str = ""):
+    """(path, target) of every _target_ in plain data, in dicts and lists (Hydra instantiates both)."""
+    return ((child, value) for child, key, value in walk(data, path) if key == "_target_")
 
 
 def check_targets(cfg: DictConfig) -> None:
     """Refuse a _target_ anywhere in the config that is not a known component (see dnnlab.components)."""
-    for key, target in _targets(cfg):
+    for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
         if not components.allowed(target):
             raise bad_value(key, target, components.ALLOWED)
 
