@@ -340,6 +340,8 @@ def prepare(cfg: DictConfig, parallel_jobs: int = 1) -> tuple[torch.device, Spli
     memory.check_fits(cfg, device, len(cfg.data.classes or range(10)))
     torch.set_num_threads(pick_threads(t.threads, cfg, parallel_jobs))
     seed_everything(t.seed, t.deterministic)
+    if cfg.get("transfer") and cfg.transfer.source:
+        transfer.source(cfg)  # a missing or mismatched source is told before the data are read
     data = load(cfg.data, device)
     restrict(data, t)
     if t.batch_size > len(data.x_train):  # a batch larger than the data: a typo, or full-batch meant

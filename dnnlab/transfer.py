@@ -1,6 +1,8 @@
 """Reusing pretrained layers: copy the lowest hidden blocks of a source run, freeze them, unfreeze them later."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -33,9 +35,9 @@ def n_reused(transfer: DictConfig, model: nn.Sequential) -> int:
     return n if transfer.reuse_layers == "all" else transfer.reuse_layers
 
 
-def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
-    """Copy the input block and the lowest k hidden blocks of cfg.transfer.source into `model` (the source file is
-    only read); freeze them if asked. Returns what was done, for the summary."""
+def source(cfg: DictConfig) -> tuple[Path, dict]:
+    """The checkpoint of cfg.transfer.source and its contents, checked against this run's config. Commands call it
+    before reading any data, so a wrong source is told first; `reuse` reads it again (a small file)."""
     transfer = cfg.transfer
     path = checkpoint.find(transfer.source, "transfer.source")
     state = checkpoint.load(path)
@@ -45,6 +47,14 @@ def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
     if differences:
         raise DnnlabError(f"transfer.source={transfer.source}: the source network differs ({'; '.join(differences)}); "
                           "configure this run like the source")
+    return path, state
+
+
+def reuse(model: nn.Sequential, cfg: DictConfig) -> dict:
+    """Copy the input block and the lowest k hidden blocks of cfg.transfer.source into `model` (the source file is
+    only read); freeze them if asked. Returns what was done, for the summary."""
+    transfer = cfg.transfer
+    path, state = source(cfg)
     k = n_reused(transfer, model)
     source_hidden = sorted({key.split(".")[0] for key in state["model"] if key.startswith("hidden")})
     if k > len(hidden_names(model)) or k > len(source_hidden):

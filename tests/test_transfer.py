@@ -164,3 +164,12 @@ def test_reuse_works_across_a_different_output_width(make_cfg, source, tmp_path)
         assert mine["output.weight"].shape == (width, 100) and src["output.weight"].shape == (5, 100)
         for block in HIDDEN:
             assert same(blocks(mine, block), blocks(src, block)), block
+
+
+def test_source_is_checked_before_the_data_are_read(make_cfg, tmp_path):
+    """Without MNIST on disk, a missing source is still what is told: paths are values, checked first."""
+    (tmp_path / "no_data").mkdir()
+    cfg = make_cfg("experiment=transfer_5_9", f"transfer.source={tmp_path / 'missing'}",
+                   f"data.root={tmp_path / 'no_data'}")
+    with pytest.raises(DnnlabError, match=r"transfer\.source=.*does not exist"):
+        train(cfg, tmp_path / "run")
