@@ -15,9 +15,10 @@ import logging.handlers
 import os
 from pathlib import Path
 
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, components
+from dnnlab import CONF_DIR, components, extras
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.validate import int_min, integer, num, optional, targets, walk
 
@@ -139,6 +140,7 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     if args.help or args.hydra_help or args.shell_completion or args.info or args.cfg:
         return ordered
     cfg, multirun = compose(args.config_name or config_name, args)
+    extras.check(cfg.hydra)
     check_hydra(cfg.hydra, multirun)
     return ordered
 
@@ -177,5 +179,8 @@ def compose(config_name: str, args) -> tuple[DictConfig, bool]:
             == RunMode.MULTIRUN
         mode = RunMode.MULTIRUN if multirun else RunMode.RUN
         return hydra.compose_config(config_name, args.overrides, mode), multirun
+    except MissingConfigException as e:  # an optional launcher or sweeper that is not installed
+        extras.check_missing_config(str(e))
+        raise
     finally:
         GlobalHydra.instance().clear()

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dnnlab import stored
+from dnnlab import extras, stored
 from dnnlab.errors import ArgumentParser, DnnlabError, bad_value
 from dnnlab.record import pyplot, save_figure
 from dnnlab.runs import mean_spread, write_table
@@ -214,6 +214,7 @@ def finished(path: Path, name: str = "summary.json") -> dict | None:
 
 def multirun(presets: list[str], seeds: list[int], out: Path, extra: list[str], needs: str = "") -> None:
     """Train presets x seeds as one Hydra multirun on the joblib launcher, each job in its row's folder."""
+    extras.need("dnnlab reproduce (its jobs run on the joblib launcher)", *extras.OPTIONS["hydra/launcher/joblib"])
     source = [f"transfer.source={out.resolve() / 'runs' / needs}/seed${{trainer.seed}}"] if needs else []
     command = [sys.executable, "-m", "dnnlab", "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                f"experiment={','.join(presets)}", f"trainer.seed={','.join(map(str, seeds))}",

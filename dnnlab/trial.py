@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from dnnlab import extras
 from dnnlab.errors import DnnlabError, Pruned
 
 EPOCH_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")  # the columns of every epoch's row
@@ -35,10 +36,10 @@ def is_url(storage: str) -> bool:
 
 def database_url(url: str) -> str:
     """postgresql://... means SQLAlchemy's default PostgreSQL driver: psycopg (3) since SQLAlchemy 2.1, psycopg2
-    before; use psycopg2 (dnnlab's test extra installs psycopg2-binary) when psycopg is not installed."""
+    before; use psycopg2 (the postgres extra installs psycopg2-binary) when psycopg is not installed."""
     scheme, _, rest = url.partition("://")
-    if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
+    if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        extras.need("a postgresql:// storage", ("psycopg2",), "postgres")
         return f"postgresql+psycopg2://{rest}"
     return url
 

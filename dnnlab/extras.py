@@ -1,0 +1,56 @@
+"""The parts of dnnlab that need an optional package, and the one line that names the extra installing it."""
+from __future__ import annotations
+
+import importlib
+import re
+
+from dnnlab.errors import DnnlabError
+
+# Hydra option (group/name): (the modules it imports, dnnlab's extra that installs them)
+OPTIONS = {
+    "hydra/sweeper/optuna": (("optuna",), "optuna"),
+    "hydra/launcher/joblib": (("hydra_plugins.hydra_joblib_launcher", "joblib"), "joblib"),
+    "hydra/launcher/slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+    "hydra/launcher/submitit_slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+    "hydra/launcher/submitit_local": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+}
+
+
+def missing(modules: tuple[str, ...]) -> str | None:
+    """The first of `modules` that cannot be imported, else None."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
+
+
+def need(what: str, modules: tuple[str, ...], extra: str) -> None:
+    """Refuse `what` in one line when a module it needs is not installed."""
+    module = missing(modules)
+    if module:
+        raise DnnlabError(f"{what} needs dnnlab's optional packages '{extra}' ({module} is not installed): "
+                          f"pip install 'dnnlab[{extra}]'")
+
+
+def check(hydra) -> None:
+    """The composed config's hydra node: each optional launcher or sweeper it names is installed, and so is the
+    database driver of the sweeper's storage."""
+    for group in ("hydra/sweeper", "hydra/launcher"):
+        option = f"{group}/{hydra.runtime.choices.get(group)}"
+        if option in OPTIONS:
+            need(f"{group}={hydra.runtime.choices.get(group)}", *OPTIONS[option])
+    storage = hydra.sweeper.get("storage")
+    if isinstance(storage, str):
+        from dnnlab.trial import database_url
+
+        database_url(storage)
+
+
+def check_missing_config(message: str) -> None:
+    """Hydra could not find a config: when it is an optional launcher or sweeper, say which extra installs it."""
+    for option, (modules, extra) in OPTIONS.items():
+        if re.search(rf"'{re.escape(option)}'", message):
+            group, name = option.rsplit("/", 1)
+            need(f"{group}={name}", modules, extra)
