@@ -64,6 +64,14 @@ def candidate_folders(name: str, root: str | None) -> list[Path]:
     return folders + SYSTEM_COPIES[name]
 
 
+def download_failure(e: Exception) -> str:
+    """Why torchvision's download failed, in a few words: its message names the file on the first line and the
+    reason (urlopen's error) on the last, e.g. "Name or service not known" when there is no network."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[-1].strip("<>") if lines else type(e).__name__
+    return reason[:120]
+
+
 def locate(name: str, root: str | None = None, download: bool = True) -> Path:
     """The folder holding the four IDX files of `name`, downloading them with torchvision if nowhere else."""
     if name not in FOLDERS:
@@ -90,8 +98,7 @@ def locate(name: str, root: str | None = None, download: bool = True) -> Path:
             cls(str(target), train=True, download=True)
             cls(str(target), train=False, download=True)
         except Exception as e:  # no network, a mirror down, a checksum mismatch: all end in the same advice
-            first_line = next(iter(str(e).splitlines()), "")[:80]
-            tried.append(Path(f"torchvision download into {target} ({type(e).__name__}: {first_line})"))
+            tried.append(Path(f"torchvision download into {target} ({download_failure(e)})"))
         else:
             return target / FOLDERS[name] / "raw"
         finally:

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny, learnable IDX datasets written to disk and read through the real loader."""
 from __future__ import annotations
 
+import functools
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -11,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from dnnlab import CONF_DIR
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # this project's workspace and CI
+REAL = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 N_TRAIN_PER_CLASS, N_TEST_PER_CLASS = 60, 12
 
 
@@ -68,3 +71,50 @@ def make_cfg(data_root, monkeypatch):
             return compose("train", overrides=base + list(overrides))
 
     return make
+
+
+# --- the real datasets, where the user already has them (never downloaded by a test) ---
+
+def real_data_home() -> str | None:
+    """What $DNNLAB_DATA is for the real-data tests: ../shared/data where it exists, else the user's own."""
+    return str(SHARED_DATA) if SHARED_DATA.is_dir() else os.environ.get("DNNLAB_DATA")
+
+
+@functools.cache
+def real_folder(name: str) -> Path | None:
+    """The folder a run finds the full dataset `name` in ($DNNLAB_DATA as above, dnnlab's cache, a system copy such
+    as Debian's dataset-fashion-mnist), or None when it is not on this machine."""
+    from dnnlab.data import locate, split_files
+    from dnnlab.errors import DnnlabError
+
+    saved = os.environ.get("DNNLAB_DATA")
+    os.environ.pop("DNNLAB_DATA", None)
+    if real_data_home():
+        os.environ["DNNLAB_DATA"] = real_data_home()
+    try:
+        folder = locate(name, None, download=False)
+        images = split_files(folder, "train")[0]
+        with (gzip.open if images.suffix == ".gz" else open)(images, "rb") as f:
+            full = struct.unpack(">I", f.read(8)[4:])[0] == 60000  # not a tiny copy made by a test
+    except (DnnlabError, OSError, struct.error):
+        full = False
+    finally:
+        os.environ.pop("DNNLAB_DATA", None)
+        if saved is not None:
+            os.environ["DNNLAB_DATA"] = saved
+    return folder if full else None
+
+
+def needs_real(*names: str):
+    """Skip unless the real datasets `names` are on this machine, saying where they were looked for."""
+    missing = [REAL[n] for n in names if real_folder(n) is None]
+    system = " or /usr/share/datasets/fashion-mnist" if "Fashion-MNIST" in missing else ""
+    return pytest.mark.skipif(bool(missing), reason=f"the real {' and '.join(missing)} files are not in DNNLAB_DATA, "
+                                                    f"../shared/data{',' if system else ' or'} dnnlab's cache{system}")
+
+
+@pytest.fixture
+def real_data(monkeypatch):
+    """Runs find the real datasets as real_folder did."""
+    if real_data_home():
+        monkeypatch.setenv("DNNLAB_DATA", real_data_home())

@@ -1,41 +1,42 @@
-"""Training on the real datasets in ../shared/data (slow: a few seconds each; CI runs them too)."""
+"""Training on the real datasets, where this machine has them: ../shared/data (this project's workspace and CI),
+$DNNLAB_DATA, dnnlab's cache or Debian's dataset-fashion-mnist (slow: a few seconds each; CI runs them too)."""
 import pytest
 from hydra import compose, initialize_config_dir
 
 from dnnlab import CONF_DIR
 from dnnlab.train import train
-from tests.conftest import SHARED_DATA
+from tests.conftest import needs_real
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(),
-                       reason=f"the real datasets are not at {SHARED_DATA} (only in this project's workspace and CI)"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("real_data")]
 
 
 def real_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"data.root={SHARED_DATA}", "trainer.progress=false", *overrides])
+        return compose("train", overrides=["trainer.progress=false", *overrides])
 
 
+@needs_real("fashion_mnist")
 def test_default_network_learns_fashion_mnist(tmp_path):
     summary = train(real_cfg("trainer.epochs=2"), tmp_path)
     assert summary["n_train"] == 55000 and summary["n_val"] == 5000 and summary["n_test"] == 10000
     assert summary["val_acc"] > 0.83 and summary["test_acc"] > 0.82  # the book's exercise reaches ~0.85 by epoch 2
 
 
+@needs_real("mnist")
 def test_mnist_digits_0_to_4(tmp_path):
     summary = train(real_cfg("data=mnist", "data.classes=[0,1,2,3,4]", "trainer.epochs=3"), tmp_path)
     assert summary["n_test"] == 5139  # every test image of digits 0-4
     assert summary["test_acc"] > 0.97  # the book's plain network: 97.3 %
 
 
+@needs_real("fashion_mnist")
 def test_batchnorm_and_1cycle_on_real_data(tmp_path):
     summary = train(real_cfg("norm=batchnorm", "optimizer=nadam", "schedule=1cycle", "schedule.max_lr=0.005",
                              "trainer.epochs=2", "trainer.batch_size=128"), tmp_path)
     assert summary["status"] == "completed" and summary["test_acc"] > 0.84
 
 
+@needs_real("mnist")
 def test_exercise_9_transfer_on_real_mnist(tmp_path):
     source = train(real_cfg("experiment=mnist_0_4", "trainer.epochs=3"), tmp_path / "src")
     assert source["test_acc"] > 0.97
@@ -51,11 +52,12 @@ def diagnose_real(tmp_path, *overrides):
     from dnnlab.diagnose import diagnose
     from dnnlab.runs import compose_config
 
-    cfg = compose_config([f"data.root={SHARED_DATA}", "trainer.progress=false", "diagnose.steps=0", *overrides],
+    cfg = compose_config(["trainer.progress=false", "diagnose.steps=0", *overrides],
                          "diagnose_app")
     return diagnose(cfg, tmp_path / "_".join(o.replace("/", "") for o in overrides)[:80])["profile"]
 
 
+@needs_real("fashion_mnist")
 def test_the_chapter_stories_show_on_real_data(tmp_path):
     """dnnlab diagnose on Fashion-MNIST: vanishing gradients, self-normalisation, dying ReLUs (README, Diagnostics)."""
     # sigmoid with normal(0, 1): the gradients shrink toward the lower layers; ELU with He init keeps them level
@@ -84,6 +86,7 @@ KINDS = ["ed1/ex9_four_layers", "ed1/ex10_scratch", "ed2/selu_100_layers", "ed2/
          "ed2/exponential_by_epoch", "ed2/alpha_dropout:train", "ed3/dropout:mc"]  # in the report's order
 
 
+@needs_real("mnist", "fashion_mnist")
 def test_reproduction_rows_of_each_kind_run_on_the_real_data(tmp_path):
     """`dnnlab reproduce` on the real datasets, one seed, one epoch of two batches: the presets train (exercise 9
     on its own seed's source run) and each row is measured."""
@@ -91,7 +94,7 @@ def test_reproduction_rows_of_each_kind_run_on_the_real_data(tmp_path):
 
     from dnnlab.reproduce import main
 
-    main(["--only", *KINDS, "--seeds", "1", "--out", str(tmp_path), "-o", f"data.root={SHARED_DATA}",
+    main(["--only", *KINDS, "--seeds", "1", "--out", str(tmp_path),
           "-o", "trainer.epochs=1", "-o", "trainer.limit_batches=2"])
     rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "REPRODUCTION.csv"))}
     assert list(rows) == KINDS
