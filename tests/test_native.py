@@ -3,6 +3,7 @@ and refuses, training through it end to end, and what happens where it cannot be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -342,20 +343,92 @@ def test_summary_records_the_step(make_cfg, tmp_path):
     assert summary["training_step"] == "native" and summary["phases"][0]["training_step"] == "native"
 
 
-def test_the_build_folder_stays_put_and_only_an_old_unheld_lock_is_cleared(tmp_path):
-    import fcntl
-    import time
+def test_the_library_in_use_is_the_finished_one_in_the_build_folder():
+    """(The build itself, shared by installs and never held up by a killed build's lock: test_native_build.py.)"""
+    folder = native.build_directory()
+    assert native.available() == "" and (folder / native.LIBRARY).is_file()
 
-    assert native.available() == "" and native.build_directory().is_dir()  # the folder of the library in use
-    assert list(native.build_directory().glob("*.so"))
-    old = time.time() - native.STALE_LOCK_SECONDS - 60
-    fresh, stale, held = (tmp_path / name for name in ("fresh", "stale", "held"))
-    for lock in (fresh, stale, held):
-        lock.touch()
-    for lock in (stale, held):
-        os.utime(lock, (old, old))
-    with open(held, "rb") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # a build in progress (torch 2.14 locks the file)
-        for lock in (fresh, stale, held):
-            native.clear_stale_lock(lock)
-    assert fresh.exists() and held.exists() and not stale.exists()
+
+@pytest.fixture
+def update_check():
+    """update_in_step's answer is kept per process: each test asks afresh, and leaves no answer of its own behind."""
+    native.update_in_step.cache_clear()
+    yield
+    native.update_in_step.cache_clear()
+
+
+def test_the_update_check_passes_on_this_torch_and_changes_no_global_state(update_check):
+    torch.manual_seed(7)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    assert native.update_differs() == "" and native.update_in_step()
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads  # the run's own
+
+
+def one_ulp_off(monkeypatch):
+    """Make torch's side of the update check differ from the C++ step's in one bit of one parameter."""
+    real = native._adam_run
+
+    def run(adam, settings, in_step):
+        tensors, taken = real(adam, settings, in_step)
+        if not in_step:
+            first = tensors[0].clone().view(-1)
+            first[0] = torch.nextafter(first[0], torch.tensor(float("inf")))
+            tensors[0] = first
+        return tensors, taken
+
+    monkeypatch.setattr(native, "_adam_run", run)
+
+
+def spy_updates(monkeypatch) -> list:
+    """The `update` handed to every NativeStep the trainer makes from now on."""
+    handed = []
+
+    class Spy(native.NativeStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            handed.append(self.update)
+
+    monkeypatch.setattr(native, "NativeStep", Spy)
+    return handed
+
+
+def test_where_the_update_differs_torch_takes_it_and_the_run_is_the_same(make_cfg, tmp_path, monkeypatch, caplog,
+                                                                         update_check):
+    """One bit off in the check: the trainer hands the C++ step no update (torch's kernel takes it after the C++
+    backward pass), says why in a debug line, and trains to the very numbers of the run with the C++ update."""
+    assert native.update_in_step()
+    handed = spy_updates(monkeypatch)
+    train(make_cfg(), tmp_path / "in_step")
+    assert handed and all(u is not None for u in handed)
+    native.update_in_step.cache_clear()
+    one_ulp_off(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="dnnlab")
+    assert not native.update_in_step()  # (asked before the spy's next run: the check makes NativeSteps of its own)
+    assert "its own update is not used: Adam differs from torch" in caplog.text
+    handed.clear()
+    summary = train(make_cfg(), tmp_path / "by_torch")
+    assert handed and all(u is None for u in handed)
+    assert summary["status"] == "completed" and summary["training_step"] == "native"
+    assert [r[:5] for r in rows(tmp_path / "by_torch")] == [r[:5] for r in rows(tmp_path / "in_step")]
+
+
+def test_where_the_update_differs_a_stacked_sweep_leaves_it_to_torch(make_cfg, tmp_path, monkeypatch, update_check):
+    """The C++ stack step takes every job's update (after torch's first) unless the check fails."""
+    from dnnlab.stacked import Stack, train_group
+
+    handed, real = [], Stack.native_step
+
+    def native_step(self, *args):
+        handed.append(args[-1])  # update
+        return real(self, *args)
+
+    monkeypatch.setattr(Stack, "native_step", native_step)
+    cfgs = [make_cfg(f"trainer.seed={seed}") for seed in (1, 2)]
+    for differs in (False, True):
+        if differs:
+            one_ulp_off(monkeypatch)
+            native.update_in_step.cache_clear()
+        handed.clear()
+        summaries = train_group(cfgs, [tmp_path / f"{differs}{k}" for k in range(2)], progress=False)
+        assert handed and all(u is None for u in handed) == differs and handed[0] is None  # (torch's first step)
+        assert {s["status"] for s in summaries} == {"completed"} and summaries[0]["training_step"] == "stacked native"

@@ -12,7 +12,7 @@ from torch import nn
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.ftrl import Ftrl
 from dnnlab.model import build_mlp
-from dnnlab.optim import GradientRules, build_optimizer, direct_step, pack, pack_parameters_, span
+from dnnlab.optim import GradientRules, build_optimizer, direct_step, fusable, pack, pack_parameters_, span
 
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
 CPU = torch.device("cpu")
@@ -381,8 +381,10 @@ def test_direct_step_updates_exactly_as_optimizer_step(target, kwargs, packed, o
         assert all(same(pa, pb) for pa, pb in zip(a, b)), k
     sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
     assert all(same(sa[i][k], sb[i][k]) for i in sa for k in ("step", "exp_avg", "exp_avg_sq"))
-    # flat: the parameters, gradients and moment estimates each in one tensor; one thread again afterwards
-    assert all((span(ts) is not None) == packed for ts in (a, [p.grad for p in a], [sa[i]["exp_avg"] for i in sa]))
+    # flat: the parameters, gradients and moment estimates each in one tensor; one thread again afterwards (on
+    # torch 2.4, where AdamW is no Adam subclass, it takes optimizer.step: the same numbers, nothing flat)
+    flat = packed and fusable(opt_a)
+    assert all((span(ts) is not None) == flat for ts in (a, [p.grad for p in a], [sa[i]["exp_avg"] for i in sa]))
     assert torch.get_num_threads() == 1
 
 
