@@ -585,7 +585,8 @@ def main(argv: list[str] | None = None) -> None:
             speed, raw = speed_table(args, root, tmp / "speed", [rate_all, rate_one], info["nproc"])
             report["speed"] = {"rows": speed, **raw}
             write_table(speed, out / "speed", f"Seconds per epoch, {raw['n_train']} training images "
-                                              f"(Fashion-MNIST 0-4), batch 32, {info['nproc']} cores")
+                                              f"(Fashion-MNIST 0-4), batch 32, {info['nproc']} cores",
+                        ["note"], [r["note"] for r in speed])  # a narrow terminal: the notes under their rows
             md += [markdown(f"Training speed: {raw['n_train']} training + {raw['n_val']} validation images per "
                             f"epoch", speed)]
             md += [f"{k}: {v}" for k, v in raw["notes"].items()]
@@ -603,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stacked sweeps: 1 job, then {args.jobs} jobs", flush=True)
             stacked, raw = stacked_table(args, root, tmp / "stacked")
             report["stacked"] = {"rows": stacked, "results": raw}
-            write_table(stacked, out / "stacked", f"Stacked sweeps of the default network ({info['nproc']} cores)")
+            write_table(stacked, out / "stacked", f"Stacked sweeps of the default network ({info['nproc']} cores)",
+                        ["note"], [r["note"] for r in stacked])
             md += [markdown("Stacked sweeps (learning rates x seeds), the default network", stacked)]
         if "transfer" not in args.skip:
             print("transfer: exercise 9 with and without cached frozen layers", flush=True)

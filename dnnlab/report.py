@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ RUNNING_SECONDS = 600  # metrics.csv touched this recently, no summary.json yet:
 STUDY_FILE = "optuna_study.json"
 MAX_LEGEND = 12  # val_curves.png: the best runs get a colour and a legend entry, the others a thin grey line
 MAX_BARS = 40  # final_metric.png: the best runs only
-MAX_LABEL = 60
+MAX_LABEL = 60  # a plot label's line, in characters
+MAX_LABEL_LINES = 4  # a label longer than this many lines ends in '…'
 
 
 @dataclass
@@ -53,7 +55,8 @@ class Run:
     summary: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # metrics.csv
     problems: list[str] = field(default_factory=list)  # the files that could not be read
-    label: str = ""  # the differing overrides, for legends
+    setting: str = ""  # the differing overrides, 'key=value, ...'
+    label: str = ""  # the setting, or the run's name where it has none: for legends
 
     def value(self, metric: str) -> float:
         """The run's metric: for a metrics.csv column the best epoch's (max accuracy, min loss), else summary.json's."""
@@ -341,14 +344,21 @@ def short(text: str, limit: int = MAX_LABEL) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def wrapped(text: str, status: str = "completed") -> str:
+    """A plot label on lines of MAX_LABEL characters, broken at the spaces between overrides, so that the legend
+    and bar labels of a sweep of many overrides keep most of them; a status other than completed always shows."""
+    lines = textwrap.wrap(text, MAX_LABEL, max_lines=MAX_LABEL_LINES, placeholder=" …", break_on_hyphens=False)
+    return "\n".join(lines or [text]) + ("" if status == "completed" else f" [{status}]")
+
+
 def legend_label(r: Run) -> str:
-    return short(r.label + ("" if r.status == "completed" else f" [{r.status}]"))
+    return wrapped(r.label, r.status)
 
 
 def series(runs: list[Run], groups: list[Group] | None) -> list[tuple[str, list[Run]]]:
     """What gets one colour and one legend entry, best first: each run, or each group of repeats."""
     if groups:
-        return [(short(g.label) + (f" ({len(g.runs)} runs)" if len(g.runs) > 1 else ""), g.runs) for g in groups]
+        return [(wrapped(g.label) + (f" ({len(g.runs)} runs)" if len(g.runs) > 1 else ""), g.runs) for g in groups]
     return [(legend_label(r), [r]) for r in runs]
 
 
@@ -405,9 +415,9 @@ def plot_final(runs: list[Run], metric: str, path: Path) -> bool:
         return False
     plt = pyplot()
     shown = valued[:MAX_BARS]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(shown)))
-    labels = [short(r.name if r.label == r.name else f"{r.name}: {r.label}")
-              + ("" if r.status == "completed" else f" [{r.status}]") for r, _ in shown]
+    labels = [wrapped(r.name if r.label == r.name else f"{r.name}: {r.label}", r.status) for r, _ in shown]
+    lines = max(label.count("\n") + 1 for label in labels)  # a bar as tall as its label
+    fig, ax = plt.subplots(figsize=(9, 1.2 + (0.32 + 0.14 * (lines - 1)) * len(shown)))
     bars = ax.barh(range(len(shown)), [v for _, v in shown],
                    color=["tab:blue" if r.status == "completed" else "0.65" for r, _ in shown])
     ax.bar_label(bars, fmt="%.4f", padding=3, fontsize="small")
@@ -558,18 +568,21 @@ def report(root: Path, metric: str = "val_acc", out: Path | None = None) -> dict
     keys = differing_keys(runs)
     for r in runs:
         given = r.overrides or {}
-        r.label = ", ".join(f"{k}={given[k]}" for k in keys if k in given) or r.name
+        r.setting = ", ".join(f"{k}={given[k]}" for k in keys if k in given)
+        r.label = r.setting or r.name
     runs.sort(key=lambda r: sort_key(r.value(metric), metric))  # stable: ties keep the natural order
 
     title = f"dnnlab report {root}: {len(runs)} run{'s' * (len(runs) != 1)} ({count_statuses(runs)}), " \
             f"by {metric_column(metric)}"
-    write_table(run_rows(runs, keys, metric), out / "report", title)
+    rows = run_rows(runs, keys, metric)
+    write_table(rows, out / "report", title, keys, [r.setting for r in runs])
     written = [out / "report.csv", out / "report.md"]
     groups = group_runs(runs, keys, metric)
     if groups:
         over = " and ".join(k for k in REPEAT_KEYS if k in keys)
-        write_table(group_rows(groups, keys, metric), out / "report_groups",
-                    f"{len(groups)} settings: mean ± standard deviation over {over}, by {metric}")
+        rows, rest = group_rows(groups, keys, metric), [k for k in keys if k not in REPEAT_KEYS]
+        write_table(rows, out / "report_groups", f"{len(groups)} settings: mean ± standard deviation over {over}, "
+                                                 f"by {metric}", rest, [g.label for g in groups])
         written += [out / "report_groups.csv", out / "report_groups.md"]
     notes = [f"{r.name}: cannot read {', '.join(r.problems)}" for r in runs if r.problems]
     if plot_curves(series(runs, groups), metric, out / "val_curves.png"):

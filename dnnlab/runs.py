@@ -5,16 +5,15 @@ import csv
 import io
 import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from rich.markup import escape
-from rich.table import Table
 
 from dnnlab import CONF_DIR
 from dnnlab.checkpoint import atomic_write
-from dnnlab.ui import console
+from dnnlab.ui import print_rows
 
 
 def compose_config(overrides: list[str], name: str = "train") -> DictConfig:
@@ -46,15 +45,12 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_table(rows: list[dict], stem: Path, title: str) -> None:
-    """Print rows as a rich table and write them to STEM.csv and STEM.md."""
+def write_table(rows: list[dict], stem: Path, title: str, moved: Sequence[str] = (),
+                notes: list[str] | None = None) -> None:
+    """Print rows as a rich table (for `moved` and `notes`, where the terminal is too narrow: ui.print_rows) and
+    write them to STEM.csv and STEM.md."""
     columns = list(rows[0])
-    table = Table(title=escape(title), title_justify="left")
-    for c in columns:
-        table.add_column(escape(c), justify="left" if c == columns[0] else "right")
-    for r in rows:
-        table.add_row(*(escape(str(r[c])) for c in columns))  # values, not rich markup
-    console.print(table)
+    print_rows(rows, title, moved, notes)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

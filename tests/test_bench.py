@@ -88,3 +88,22 @@ def test_keras_worker_trains_the_same_network(data_root):
                          timeout=600)
     assert "error" not in result, result
     assert len(result["epoch_seconds"]) == 2 and result["n_train"] == 245 and result["peak_rss_mb"] > 0
+
+
+def test_a_speed_table_fits_80_columns_with_its_notes_under_the_rows(tmp_path, monkeypatch, capsys):
+    from dnnlab import ui
+    from dnnlab.runs import write_table
+
+    note = "exit 1: ImportError: No module named 'keras' | the worker stopped before its first epoch"
+    rows = [{"contender": name, "s/epoch": s, "images/s": "" if s == "failed" else 12345, "peak RSS MB": 612,
+             "x dnnlab": 1.0, "val acc": 0.8712, "threads": 2, "note": text}
+            for name, s, text in [("dnnlab", 1.234, ""), ("keras", "failed", note),
+                                  ("plain PyTorch DataLoader", 2.345, "torch.utils.data, batch sampler")]]
+    monkeypatch.setattr(ui.console, "_width", 80)  # as a terminal of 80 columns
+    write_table(rows, tmp_path / "speed", "Seconds per epoch", ["note"], [r["note"] for r in rows])
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80 and not any("…" in line for line in lines)
+    keras = next(i for i, line in enumerate(lines) if line.startswith("keras "))
+    assert lines[keras].split() == ["keras", "failed", "612", "1.0", "0.8712", "2"]
+    assert " ".join(line.strip() for line in lines[keras + 1:keras + 3]) == note  # under its row, whole
+    assert "note" in (tmp_path / "speed.csv").read_text().splitlines()[0]  # the files keep the column

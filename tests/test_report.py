@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import select
 import shutil
 import statistics
 import subprocess
@@ -270,6 +272,29 @@ def test_many_runs_keep_the_plots_legible(tmp_path, monkeypatch):
         assert_png(tmp_path / name)
 
 
+def test_long_plot_labels_wrap_and_keep_the_status(tmp_path, monkeypatch):
+    keys = ("optimizer.lr", "model.n_neurons", "trainer.patience", "data.val_size", "model.n_hidden")
+    for i in range(3):
+        fake_run(tmp_path / str(i), [f"{k}={i}" for k in keys], [0.5 + i / 10],
+                 {"test_acc": 0.5, **({"status": "failed"} if i == 0 else {})})
+    labels = {}
+    real_save = report_module.save_figure
+
+    def spy(fig, path, **kwargs):
+        ax = fig.axes[0]
+        texts = ax.get_legend().get_texts() if ax.get_legend() else ax.get_yticklabels()
+        labels[Path(path).name] = [t.get_text() for t in texts]
+        real_save(fig, path, **kwargs)
+
+    monkeypatch.setattr(report_module, "save_figure", spy)
+    report(tmp_path)
+    failed = ", ".join(f"{k}=0" for k in keys) + " [failed]"
+    assert labels["val_curves.png"][-1].replace("\n", " ") == failed  # every override, on lines, and the status
+    assert labels["final_metric.png"][-1].replace("\n", " ") == "0: " + failed
+    for label in labels["val_curves.png"] + labels["final_metric.png"]:
+        assert "…" not in label and 2 <= len(label.splitlines()) and max(map(len, label.splitlines())) <= 60
+
+
 def make_study(path: Path, n_trials: int) -> None:
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     study = optuna.create_study(study_name="lr_search", storage=storage, direction="maximize")
@@ -362,3 +387,127 @@ def test_the_command_line_error_has_no_traceback(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist" and "Traceback" not in result.stderr
+
+
+# --- legibility at 80 columns, and in a file --------------------------------------------------------------------
+
+EXTRA = {"model.n_neurons": "1{i}0", "model.activation": ["relu", "elu", "selu", "gelu"], "trainer.seed": "{i}",
+         "regularizer": ["[l2,dropout]", "[l2]", "[dropout]", "[]"], "trainer.patience": "{i}",
+         "init": ["he_normal", "glorot_uniform", "lecun_normal", "he_uniform"],
+         "data.root": "/mnt/datasets/a_rather_long_folder_name_for_the_images/copy_{i}"}
+
+
+@pytest.fixture
+def wide_sweep(sweep, tmp_path) -> Path:
+    """The real sweep with 9 differing overrides (a long data.root among them), plus a job that has not started
+    and one that failed: what a sweep over many settings leaves."""
+    copy = shutil.copytree(sweep, tmp_path / "S")
+    for run in sorted(p for p in copy.iterdir() if p.name.isdigit()):
+        i = int(run.name)
+        extra = [f"{k}={v[i] if isinstance(v, list) else v.format(i=i)}" for k, v in EXTRA.items()]
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + extra))
+    shutil.copytree(copy / "0" / ".hydra", copy / "4" / ".hydra")  # queued: only .hydra
+    shutil.copytree(copy / "1", copy / "5")
+    summary = json.loads((copy / "5" / "summary.json").read_text())
+    (copy / "5" / "summary.json").write_text(json.dumps({**summary, "status": "failed", "test_acc": None}))
+    return copy
+
+
+def narrow_rows(text: str, names: set[str]) -> dict[str, tuple[str, str]]:
+    """The first table of a narrow report: {run: (its row, the overrides printed under it, on one line)}."""
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line and set(line) == {"─"})
+    rows: dict[str, list[str]] = {}
+    for line in lines[rule + 1:]:
+        if line.startswith("    ") and rows:
+            rows[list(rows)[-1]].append(line.strip())
+        elif line.split(" ", 1)[0] in names and ": " not in line:  # not the next table's title
+            rows[line.split(" ", 1)[0]] = [line]
+        else:
+            break
+    return {name: (row[0], " ".join(row[1:])) for name, row in rows.items()}
+
+
+def test_the_terminal_table_is_readable_at_80_columns(wide_sweep, tmp_path, monkeypatch, capsys):
+    from dnnlab import ui
+
+    monkeypatch.setattr(ui.console, "_width", 80)  # as a terminal of 80 columns
+    report(wide_sweep, out=tmp_path / "out")
+    text = capsys.readouterr().out
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    lines = text.splitlines()
+    header = lines[next(i for i, line in enumerate(lines) if set(line) == {"─"}) - 1]
+    assert header.split() == ["run", "status", "val_acc", "test_acc", "epochs", "seconds"]  # 'best' above val_acc
+
+    csv_rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "report.csv")}
+    keys = list(read_csv(tmp_path / "out" / "report.csv")[0])[1:-len(RUN_COLUMNS)]
+    assert len(keys) == 2 + len(EXTRA)
+    shown = narrow_rows(text, set(csv_rows))
+    assert list(shown) == list(csv_rows)  # every run, in the report's order
+    for name, (row, under) in shown.items():
+        r = csv_rows[name]
+        cells = [name, r["status"], r["best val_acc"], r["test_acc"], r["epochs"], r["seconds"]]
+        assert row.split() == " ".join(cells).split(), row  # each value whole, on the run's line
+        assert under == ", ".join(f"{k}={r[k]}" for k in keys)  # the differing overrides, all of them
+    assert shown["4"][0].split()[1:] == ["not", "started"] and shown["5"][0].split()[1] == "failed"
+    assert "data.root=/mnt/datasets/a_rather_long_folder_name_for_the_images/copy_2" in shown["2"][1]
+    groups = text[text.index("settings: mean ± standard deviation over trainer.seed"):]
+    assert "0.0000" in groups and "setting" not in groups.splitlines()[1]  # the groups' settings under them too
+
+
+@pytest.mark.parametrize("columns", [None, "80"])
+def test_a_report_piped_to_a_file_keeps_its_rows_whole(wide_sweep, tmp_path, columns):
+    """Not a terminal: a row per line at the table's full width (rich alone would fit it into 80 columns), unless
+    COLUMNS says otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    env.update({"COLUMNS": columns} if columns else {})
+    result = subprocess.run([sys.executable, "-m", "dnnlab", "report", str(wide_sweep), "--out", str(tmp_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    if columns:
+        assert max(map(len, lines)) <= 80 and "…" not in result.stdout
+        assert "data.root=/mnt/datasets/a_rather_long_folder_name_for_the_images/copy_2" in result.stdout
+        return
+    assert lines[0] == f"dnnlab report {wide_sweep}: 6 runs (4 completed, 1 failed, 1 not started), by best val_acc"
+    header = lines[1].split("  ")
+    assert [h.strip() for h in header if h.strip()] == list(read_csv(tmp_path / "report.csv")[0])
+    row = next(line for line in lines if line.startswith("2 "))
+    assert row.split() == list(next(r for r in read_csv(tmp_path / "report.csv") if r["run"] == "2").values())
+
+
+def test_a_terminal_gets_a_table_of_its_own_width(wide_sweep, tmp_path):
+    """Under a pseudo-terminal of 80 columns (no COLUMNS): the narrow table, not the file's full-width one."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR")}
+    env["TERM"] = "xterm"
+    with subprocess.Popen([sys.executable, "-m", "dnnlab", "report", str(wide_sweep), "--out", str(tmp_path)],
+                          stdin=follower, stdout=follower, stderr=follower, env=env) as job:
+        os.close(follower)
+        output, deadline = b"", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the job has closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        if job.poll() is None:
+            job.kill()
+        assert job.wait() == 0, output
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", output.decode()).replace("\r", "")
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    shown = narrow_rows(text, {"0", "1", "2", "3", "4", "5"})
+    assert len(shown) == 6 and "init=glorot_uniform" in shown["1"][1]
