@@ -508,7 +508,12 @@ def plot_study(root: Path, out: Path, notes: list[str]) -> list[Path]:
     spec_path = root / STUDY_FILE
     if not spec_path.is_file():
         return []
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        notes.append("no Optuna plots: they need dnnlab's optional packages 'optuna' "
+                     "(pip install 'dnnlab[optuna]')")
+        return []
 
     plt = pyplot()  # the Agg backend before optuna imports pyplot
     written = []

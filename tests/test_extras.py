@@ -62,3 +62,16 @@ def test_reproduce_names_the_joblib_extra(monkeypatch, tmp_path):
     with pytest.raises(DnnlabError, match=r"dnnlab reproduce .*pip install 'dnnlab\[joblib\]'"):
         reproduce.multirun(["ed2/selu_100_layers"], [0], tmp_path, [])
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_without_optuna_notes_the_extra_and_reports_the_rest(monkeypatch, tmp_path):
+    from dnnlab.report import report
+    from tests.test_report import fake_run
+
+    fake_run(tmp_path / "S" / "0", ["optimizer.lr=0.01"], [0.5, 0.6], {"test_acc": 0.6})
+    (tmp_path / "S" / "optuna_study.json").write_text('{"study_name": "lr_search", "storage": "study.journal"}')
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    result = report(tmp_path / "S")
+    assert "no Optuna plots: they need dnnlab's optional packages 'optuna' (pip install 'dnnlab[optuna]')" \
+        in result["notes"]
+    assert len(result["runs"]) == 1 and (tmp_path / "S" / "report.csv").is_file()
