@@ -41,6 +41,7 @@ from dnnlab.train import prepare, run_task
 from dnnlab.ui import console
 
 log = logging.getLogger("dnnlab")
+ACT_COLUMNS = 3  # activations.png: panels per row (a 10-layer network: a 3 x 4 grid, not a 1600 x 260 strip)
 PROFILE = ("act_mean", "act_std", "saturated", "dead", "grad_norm", "grad_rms")
 RULES = {
     "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
@@ -249,38 +250,48 @@ def _positive(values: list[float]) -> list[float]:
     return [v if v > 0 else math.nan for v in values]
 
 
-def plot_activations(layers, init_acts, final_acts, steps, max_panels, path: Path) -> None:
-    """Histograms of each (selected) layer's activations on the probe batch: step 0 against the end."""
+def _stats(v: np.ndarray | None) -> tuple[float, float]:
+    return (float(np.mean(v)), float(np.std(v))) if v is not None and v.size else (math.nan, math.nan)
+
+
+def activations_figure(layers, init_acts, final_acts, steps, max_panels):
+    """Histograms of each (selected) layer's activations on the probe batch, step 0 against the end: a grid of
+    panels at most ACT_COLUMNS wide, every text at 9 pt or more (readable at 100 dpi)."""
     plt = pyplot()
     chosen = [layers[i] for i in spread(len(layers), max_panels)]
-    cols = min(5, len(chosen))
+    cols = min(ACT_COLUMNS, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 1.0 + 2.9 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(chosen):]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, chosen):
-        a, b = init_acts.get(layer.name), final_acts.get(layer.name)
-        values = [v.flatten().numpy() for v in (a, b) if v is not None]
-        values = [v[np.isfinite(v)] for v in values]
-        both = np.concatenate(values) if values else np.zeros(1)
-        lo, hi = (np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0))
+        values = [None if acts.get(layer.name) is None else acts[layer.name].flatten().numpy()
+                  for acts in (init_acts, final_acts)]
+        values = [None if v is None else v[np.isfinite(v)] for v in values]
+        both = np.concatenate([v for v in values if v is not None] or [np.zeros(1)])
+        lo, hi = np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0)
         if not hi > lo:
             lo, hi = lo - 0.5, hi + 0.5
         bins = np.linspace(lo, hi, 61)
-        for v, label, style in ((values[0] if values else None, "step 0", "stepfilled"),
-                                (values[1] if len(values) > 1 else None, f"step {steps}", "step")):
+        for v, label, style in ((values[0], "step 0 (initialisation)", "stepfilled"),
+                                (values[1], f"after {steps} steps", "step")):
             if v is not None and v.size:  # the 1 % of extreme values outside [lo, hi] are left out
-                ax.hist(v, bins=bins, histtype=style, alpha=0.45 if style == "stepfilled" else 1,
+                ax.hist(v, bins=bins, histtype=style, alpha=0.45 if style == "stepfilled" else 1, lw=1.5,
                         density=True, label=label)
-        mean0, std0 = (float(np.mean(values[0])), float(np.std(values[0]))) if values and values[0].size \
-            else (math.nan, math.nan)
-        ax.set_title(f"{layer.name} (step 0: mean {mean0:.2f}, std {std0:.2f})", fontsize="small")
-        ax.tick_params(labelsize="x-small")
-    axes.flat[0].legend(fontsize="x-small")
-    fig.suptitle(f"activation distributions on the probe batch (at initialisation, filled; after {steps} steps, line)",
-                 fontsize="medium")
-    fig.tight_layout()
-    save_figure(fig, path)
+        (m0, s0), (m1, s1) = _stats(values[0]), _stats(values[1])
+        ax.set_title(f"{layer.name}\nmean {m0:.2f} → {m1:.2f},  std {s0:.2f} → {s1:.2f}", fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=9)
+    fig.suptitle(f"activation distributions of the hidden layers on the probe batch ({steps} training steps)",
+                 fontsize=12)
+    fig.supxlabel("activation value (the 0.5th to 99.5th percentile of both steps' values)", fontsize=10)
+    fig.supylabel("density", fontsize=10)
+    return fig
+
+
+def plot_activations(layers, init_acts, final_acts, steps, max_panels, path: Path) -> None:
+    save_figure(activations_figure(layers, init_acts, final_acts, steps, max_panels), path)
 
 
 def plot_gradients(history, sizes, init_rows, final_rows, steps, path: Path) -> None:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import checkpoint, memory, validate
+from dnnlab import checkpoint, memory, native, validate
 from dnnlab.components import make
 from dnnlab.data import load
 from dnnlab.model import build_mlp, dropout_spec, widths
@@ -682,7 +682,8 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                     idx = perms[:, i * bs:(i + 1) * bs]
                     b = idx.shape[1]
                     _set_lr(stack.jobs, stepper.optimizers, schedules, step)
-                    update = stepper.fused() if stack.kernel and not rules.change_gradients else None
+                    fits = stack.kernel and not rules.change_gradients and native.update_in_step()
+                    update = stepper.fused() if fits else None
                     if stack.kernel:
                         losses = stack.native_step(data.x_train, data.y_train, idx, dropout, loss_sum, correct, update)
                     else:
@@ -744,6 +745,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
                            "val_loss": val_losses[k], "val_acc": val_accs[k], "lr": job.lr, "seconds": seconds}
                     job.rows.append(row)
                     job.recorder.log_epoch(row)
+                    job.recorder.log_lr(schedules[job.index].lr, job.steps_done - steps_per_epoch, job.steps_done)
                     schedules[job.index].end_epoch(row["val_loss"])
                     model_state = stack.state_dict(k)
                     if job.stopper.update(row, _StateView(stack, k)):
@@ -768,7 +770,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], loggers: list[logg
     how = "stacked native" if stack.kernel else "stacked autograd"
     curves = LearningCurves()  # one figure for every job's plot
     try:
-        summaries = [_finish(job, model, data, device, threads, len(jobs), autocast, how, curves)
+        summaries = [_finish(job, model, data, device, threads, len(jobs), autocast, how, curves, steps_per_epoch)
                      for job, model in zip(jobs, models)]
     finally:
         curves.close()
@@ -795,7 +797,7 @@ def print_group(summaries: list[dict], run_dirs: list[Path]) -> None:
 
 
 def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int, autocast, how: str,
-            curves: LearningCurves) -> dict:
+            curves: LearningCurves, steps_per_epoch: int) -> dict:
     """The job's test evaluation (its own network, best weights restored) and summary, as `dnnlab train` does."""
     t, stopper, rows = job.t, job.stopper, job.rows
     if stopper.restores and stopper.best_state is not None:
@@ -821,5 +823,5 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
     }
     write_json(job.run_dir / "summary.json", summary)
     if rows:
-        curves.save(rows, job.run_dir / "learning_curves.png")
+        job.recorder.plot(rows, job.cfg, steps_per_epoch, summary["best_epoch"], curves)
     return summary

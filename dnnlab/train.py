@@ -25,7 +25,7 @@ from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned, bad_value
 from dnnlab.model import build_mlp, flat_forward, widths
 from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
-from dnnlab.record import Recorder, environment, plot_learning_curves, read_metrics, write_json
+from dnnlab.record import Recorder, environment, read_metrics, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.threads import ThreadTuner
 from dnnlab.ui import Progress, error, print_summary
@@ -200,7 +200,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     optimizer_step = direct_step(optimizer, tuner)
     native_step = None
     if native_plan:  # the C++ step also takes a flat fused update where nothing changes the gradients before it
-        update = optimizer_step if isinstance(optimizer_step, DirectStep) and not rules.change_gradients else None
+        fits = isinstance(optimizer_step, DirectStep) and not rules.change_gradients
+        update = optimizer_step if fits and native.update_in_step() else None  # (where it computes as torch does)
         native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct, update)
     for i in range(position["i"], steps):
         idx, updated = perm[i * batch_size:(i + 1) * batch_size], False
@@ -362,7 +363,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     """Train one configured network; write every output into run_dir; return the summary."""
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
-    native_plan(cfg, model, device)  # trainer.native=true where it cannot be: refused before anything is written
+    if t.native is True:  # where it cannot be: refused before anything is written (auto builds only when it trains)
+        native_plan(cfg, model, device)
     if cfg.activation._target_ == "torch.nn.SELU" and cfg.norm.kind in ("batch", "layer"):
         log.warning("SELU normalises itself; norm=%s between its layers breaks that (the book uses neither with the "
                     "other)", OmegaConf.select(cfg, "norm.kind"))
@@ -380,11 +382,12 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     checkpoint.remove_stale_temporaries(run_dir / "checkpoints")  # a killed writer's half-written files
     resume = resume_point(run_dir, t, config_text)
     hydra_files.started(run_dir)
-    recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0)
+    recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0,
+                        keep_steps=resume["step"] if resume else None)
     rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]
     write_json(run_dir / "environment.json", environment(device))
     generator = torch.Generator(device=device).manual_seed(t.seed)
-    diag = Diagnostics(model, cfg.diagnostics, run_dir, recorder.tb, keep_until=resume["step"] if resume else None) \
+    diag = Diagnostics(model, cfg.diagnostics, run_dir, recorder.steps_tb, keep_until=resume["step"] if resume else None) \
         if cfg.diagnostics.enabled else None
     report = None
     if cfg.get("trial"):  # an Optuna trial: report every epoch to the study, whose pruner may stop the run
@@ -464,7 +467,8 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
                            "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - start}
                     rows.append(row)
                     recorder.log_epoch(row)
-                    schedule.end_epoch(val_loss)
+                    recorder.log_lr(schedule.lr, phase_step - steps_per_epoch, phase_step, offset=step)
+                    schedule.end_epoch(val_loss)  # after log_lr: a performance schedule changes its rate here
                     # best.pt and epoch_N.pt before last.pt: a crash before last.pt resumes from the previous one,
                     # which redoes this epoch and writes them again (the other order could lose or stale them)
                     if stopper.update(row, model):
@@ -510,7 +514,7 @@ def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
         summary["transfer"] = {**reused, "cache_seconds": cache_seconds}
     write_json(run_dir / "summary.json", summary)
     if rows:
-        plot_learning_curves(rows, run_dir / "learning_curves.png")
+        recorder.plot(rows, cfg, steps_per_epoch, summary["best_epoch"])
     print_summary(summary, run_dir)
     return summary
 

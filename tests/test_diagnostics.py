@@ -17,6 +17,7 @@ from dnnlab.diagnose import diagnose
 from dnnlab.diagnostics import COLUMNS, Diagnostics, activation_stats, hidden_layers, read_csv, settings
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
+from dnnlab.record import read_scalars
 from dnnlab.runs import compose_config
 
 TINY = ("model.n_hidden=2", "model.n_neurons=[5,4]")
@@ -298,3 +299,38 @@ def test_training_with_diagnostics_on_records_every_hidden_layer(make_cfg, tmp_p
     assert sorted({int(r["step"]) for r in rows}) == [0, 5, 10, 15, 20, 25, 30]
     assert {r["layer"] for r in rows} == {f"hidden{i}" for i in range(1, 6)}
     assert all(float(r["grad_norm"]) > 0 and float(r["update_ratio"]) > 0 for r in rows)
+    # TensorBoard: by training step, beside the per-step learning rate (not among the per-epoch metrics)
+    steps = [s for s, _ in read_scalars(tmp_path / "tensorboard" / "steps", "diagnostics_act_std/hidden1")]
+    assert steps == [0, 5, 10, 15, 20, 25, 30]
+    assert not read_scalars(tmp_path / "tensorboard", "diagnostics_act_std/hidden1")
+
+
+@pytest.mark.parametrize("n_layers,grid", [(10, (4, 3)), (5, (2, 3)), (2, (1, 2))])
+def test_activation_histograms_are_a_readable_labelled_grid(n_layers, grid):
+    from types import SimpleNamespace
+
+    from matplotlib.text import Text
+
+    from dnnlab.diagnose import activations_figure
+    from dnnlab.record import pyplot
+
+    torch.manual_seed(0)
+    layers = [SimpleNamespace(name=f"hidden{i + 1}") for i in range(n_layers)]
+    init = {layer.name: torch.randn(64, 8) for layer in layers}
+    after = {layer.name: 2 * torch.randn(64, 8) + 1 for layer in layers}
+    fig = activations_figure(layers, init, after, 300, max_panels=10)
+    try:
+        shown = [ax for ax in fig.axes if ax.axison]
+        rows, cols = grid
+        assert len(shown) == n_layers and len(fig.axes) == rows * cols
+        assert len({round(ax.get_position().x0, 3) for ax in fig.axes}) == cols  # a grid, not a 1 x N strip
+        width, height = fig.get_size_inches() * 100
+        assert width <= 1300 and height >= 250 * rows
+        assert fig._supxlabel.get_text().startswith("activation value") and fig._supylabel.get_text() == "density"
+        assert shown[0].get_title().startswith("hidden1\nmean ") and "→" in shown[-1].get_title()
+        fig.canvas.draw()  # tick labels get their text when drawn
+        texts = [t for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
+        assert any(t.get_text() == "0" for t in texts)  # tick labels are among them
+        assert min(t.get_fontsize() for t in texts) >= 9  # readable at 100 dpi
+    finally:
+        pyplot().close(fig)

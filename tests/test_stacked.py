@@ -16,6 +16,7 @@ import torch
 from dnnlab import checkpoint, native
 from dnnlab.model import build_mlp
 from dnnlab.optim import build_optimizer, span
+from dnnlab.record import LearningCurves, read_scalars
 from dnnlab.stacked import job_major, plan, train_group, why_not
 from dnnlab.train import evaluate, train
 
@@ -125,11 +126,23 @@ def test_a_diverging_job_is_recorded_and_the_others_go_on(make_cfg, tmp_path):
     assert_same_metrics(dirs[1], tmp_path / "alone_1")
 
 
-def test_every_job_gets_the_files_of_a_normal_run(make_cfg, tmp_path):
-    cfgs = [make_cfg("trainer.checkpoint_every=1", f"trainer.seed={s}") for s in (1, 2)]
+def test_every_job_gets_the_files_of_a_normal_run(make_cfg, tmp_path, monkeypatch):
+    drawn, draw = {}, LearningCurves.draw  # what each learning_curves.png shows (a stack reuses one figure)
+
+    def spy(self, rows, title="", lr=None, best_epoch=None):
+        drawn[title.split(":")[0]] = (lr, best_epoch, len(rows))
+        return draw(self, rows, title=title, lr=lr, best_epoch=best_epoch)
+
+    monkeypatch.setattr(LearningCurves, "draw", spy)
+    cfgs = [make_cfg("trainer.checkpoint_every=1", f"trainer.seed={s}", "schedule=1cycle") for s in (1, 2)]
     dirs = [tmp_path / "a", tmp_path / "b"]
     summaries = train_group(cfgs, dirs, progress=False)
-    train(make_cfg("trainer.checkpoint_every=1", "trainer.seed=1"), tmp_path / "alone")
+    train(make_cfg("trainer.checkpoint_every=1", "trainer.seed=1", "schedule=1cycle"), tmp_path / "alone")
+    rates = read_scalars(tmp_path / "alone" / "tensorboard" / "steps", "lr")  # per step, as dnnlab train logs them
+    assert len(rates) == 32 and len({v for _, v in rates}) > 2
+    assert read_scalars(tmp_path / "a" / "tensorboard" / "steps", "lr") == rates
+    key = "/".join(tmp_path.parts[-2:])
+    assert drawn[f"{key}/a"] == drawn[f"{key}/alone"] and drawn[f"{key}/a"][1] == summaries[0]["best_epoch"]
     normal = json.loads((tmp_path / "alone" / "summary.json").read_text())
     for cfg, d, s in zip(cfgs, dirs, summaries):
         assert {p.name for p in (d / "checkpoints").iterdir()} == {"last.pt", "best.pt", "final.pt", "epoch_1.pt", "epoch_2.pt"}

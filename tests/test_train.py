@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
-from dnnlab.record import COLUMNS, LearningCurves, plot_learning_curves
+from dnnlab.record import COLUMNS, LearningCurves, Recorder, plot_learning_curves, read_scalars, run_title
+from dnnlab.schedule import OneCycle
 from dnnlab.train import train
 
 GROUPS = ("init", "activation", "norm", "optimizer", "schedule", "regularizer", "data")
@@ -80,19 +82,29 @@ def test_a_reused_learning_curve_figure_draws_what_a_new_one_draws(tmp_path):
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e5])
-def test_learning_curve_labels_fit_the_fixed_margins(tmp_path, scale):
+def test_learning_curve_labels_fit_the_fixed_margins(make_cfg, tmp_path, scale):
     rows = [{"epoch": e, "train_loss": scale * (1 + e / 10), "val_loss": scale * (1.5 + e / 10),
              "train_acc": 0.9999 + 1e-6 * e, "val_acc": 0.99991 + 1e-6 * e} for e in range(1, 80)]
+    lr = ([t / 10 for t in range(1, 791)], [scale * 1e-3 * (1 + t % 7) for t in range(1, 791)])
+    run_dir = tmp_path / ("a_long_sweep_folder_name_" * 4) / "2024-01-01" / "12-00-00"
+    (run_dir / ".hydra").mkdir(parents=True)  # the widest title: a long folder, overrides over all its lines
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- model.n_neurons=[{'300,' * 9}{k}]\n"
+                                                               for k in range(12)))
+    title = run_title(make_cfg(), run_dir)
+    assert title.count("\n") == 2
     curves = LearningCurves()
     try:
-        curves.save(rows, tmp_path / "curves.png")
+        curves.save(rows, tmp_path / "curves.png", title=title, lr=lr, best_epoch=40)
         renderer = curves.fig.canvas.get_renderer()
         width, height = curves.fig.canvas.get_width_height()
-        loss_offset, acc_offset = (ax.yaxis.get_offset_text().get_text() for ax in curves.axes)
+        loss_offset, acc_offset, _ = (ax.yaxis.get_offset_text().get_text() for ax in curves.axes)
         assert acc_offset and bool(loss_offset) == (scale != 1.0)  # 1e-5+9.999e-1 above the axes; 1e-4; 1e5
-        for ax in curves.axes:  # every label, tick label and offset the axes draw
-            box = ax.get_tightbbox(renderer)
+        boxes = [ax.get_tightbbox(renderer) for ax in curves.axes]  # every label, tick label, offset and title
+        for box in boxes:
             assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, (scale, box)
+        top = curves.fig._suptitle.get_window_extent(renderer)
+        assert top.x0 >= 0 and top.x1 <= width and top.y1 <= height, top
+        assert top.y0 >= max(box.y1 for box in boxes)  # the title clears the axes
     finally:
         curves.close()
 
@@ -103,8 +115,71 @@ def test_tensorboard_events_hold_the_epoch_metrics(make_cfg, tmp_path):
     train(make_cfg(), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert set(COLUMNS[1:]) <= set(events.Tags()["scalars"])
+    assert set(COLUMNS[1:]) - {"lr"} <= set(events.Tags()["scalars"]) and "lr" not in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
+    assert [s for s, _ in read_scalars(tmp_path / "tensorboard" / "steps", "lr")] == list(range(32))  # by step
+
+
+def test_a_1cycle_run_logs_and_plots_the_rate_of_every_step(make_cfg, tmp_path, monkeypatch):
+    figures, draw = [], LearningCurves.draw
+
+    def spy(self, *args, **kwargs):
+        figures.append(draw(self, *args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(LearningCurves, "draw", spy)
+    summary = train(make_cfg("schedule=1cycle", "optimizer.lr=0.01", "trainer.epochs=3"), tmp_path)
+    logged = read_scalars(tmp_path / "tensorboard" / "steps", "lr")
+    spe, total = 16, 48  # 500 training images / 32
+    assert [s for s, _ in logged] == list(range(total))
+    rates = [v for _, v in logged]
+    assert rates == pytest.approx([OneCycle(0.01, total, spe, max_lr=0.01).lr(t) for t in range(total)], rel=1e-6)
+    peak = rates.index(max(rates))
+    assert 0 < peak < total - 1 and len(set(rates)) > 2 and rates[0] < rates[peak] > rates[-1]
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # rises, then falls
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))  # the epoch's lr column: its last step's rate
+    assert [float(r["lr"]) for r in rows] == pytest.approx([rates[spe * e - 1] for e in (1, 2, 3)], rel=1e-6)
+    fig = figures[-1]
+    xs, ys = fig.axes[2].get_lines()[-1].get_data()
+    assert list(ys) == pytest.approx(rates, rel=1e-6) and xs[spe - 1] == 1 and xs[-1] == 3
+    assert str(tmp_path.name) in fig.get_suptitle() and "OneCycle" in fig.get_suptitle()
+    marked = [line.get_xdata()[0] for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert marked == [summary["best_epoch"]] * 3
+
+
+def test_the_recorder_keeps_about_100_rates_an_epoch(tmp_path):
+    recorder = Recorder(tmp_path)
+    recorder.log_lr(lambda t: 1e-3 * (1 + t), 1719, 2 * 1719, offset=5)  # a Fashion-MNIST epoch of batch 32
+    recorder.close()
+    steps = [s for s, _ in recorder.lr_steps]
+    assert 90 <= len(steps) <= 101 and steps[0] == 5 + 1719 and steps[-1] == 5 + 2 * 1719 - 1
+    assert len({b - a for a, b in zip(steps[:-2], steps[1:-1])}) == 1  # evenly spaced, and the last step
+    logged = read_scalars(tmp_path / "tensorboard" / "steps", "lr")
+    assert [s for s, _ in logged] == steps
+    assert [v for _, v in logged] == pytest.approx([v for _, v in recorder.lr_steps], rel=1e-6)
+
+
+def test_a_resumed_recorder_keeps_the_earlier_rates_and_replaces_the_later(tmp_path):
+    def row(epoch):
+        return {"epoch": epoch, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 1.0,
+                "seconds": 1.0}
+
+    recorder = Recorder(tmp_path)
+    for epoch in (1, 2):
+        recorder.log_epoch(row(epoch))
+        recorder.log_lr(lambda t: 1.0 + t, 16 * (epoch - 1), 16 * epoch)
+    recorder.close()  # then killed before epoch 2's checkpoint: resumed from the end of epoch 1
+    # by a later process: TensorBoard reads event files in name order, whole seconds first, then a counter of the
+    # process's writers (a 10th writer in the same second would sort before its 9th)
+    time.sleep(1 - time.time() % 1 + 0.01)
+    recorder = Recorder(tmp_path, keep_epochs=1, keep_steps=16)
+    assert recorder.lr_steps == [(t, 1.0 + t) for t in range(16)]
+    recorder.log_epoch(row(2))
+    recorder.log_lr(lambda t: 100.0 + t, 16, 32)
+    recorder.close()
+    expected = [(t, 1.0 + t) for t in range(16)] + [(t, 100.0 + t) for t in range(16, 32)]
+    assert recorder.lr_steps == expected and read_scalars(tmp_path / "tensorboard" / "steps", "lr") == expected
 
 
 def test_best_checkpoint_restores_the_best_epoch(make_cfg, tmp_path):
