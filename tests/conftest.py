@@ -16,6 +16,9 @@ from dnnlab import CONF_DIR
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # this project's workspace and CI
 REAL = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 N_TRAIN_PER_CLASS, N_TEST_PER_CLASS = 60, 12
+# How long a test waits for a child process or a state before calling it hung: never a limit on speed, so a busy
+# machine (the suite on 2 cores beside other work) only makes a test slower, not fail.
+HANG_S = 3600
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

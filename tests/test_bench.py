@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dnnlab import bench
+from tests.conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
     out = tmp_path / "bench"
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--no-keras", "--out",
-                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["machine"]["nproc"] == len(os.sched_getaffinity(0))
@@ -85,7 +86,7 @@ def test_torchvision_reads_the_decompressed_copy(data_root, tmp_path):
 def test_keras_worker_trains_the_same_network(data_root):
     python = bench.keras_python(type("A", (), {"no_keras": False, "keras_python": None})())
     result = bench.spawn(python, "keras", ["--data-root", str(data_root), "--val-size", "100", "--epochs", "2"],
-                         timeout=600)
+                         timeout=HANG_S)
     assert "error" not in result, result
     assert len(result["epoch_seconds"]) == 2 and result["n_train"] == 245 and result["peak_rss_mb"] > 0
 

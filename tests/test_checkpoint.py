@@ -11,6 +11,7 @@ import torch
 
 from dnnlab import checkpoint
 from dnnlab.errors import DnnlabError
+from tests.conftest import HANG_S
 
 
 class Payload:
@@ -149,7 +150,7 @@ def test_a_fifo_does_not_hang(tmp_path):
     fifo = junk(tmp_path, "fifo")
     code = ("import sys; from dnnlab import checkpoint; from dnnlab.errors import DnnlabError\n"
             "try: checkpoint.load(sys.argv[1])\nexcept DnnlabError as e: print(e)")
-    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0 and "is a fifo" in done.stdout, done.stderr
 
 

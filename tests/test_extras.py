@@ -9,6 +9,7 @@ import pytest
 
 from dnnlab import extras, hydra_guard
 from dnnlab.errors import DnnlabError
+from tests.conftest import HANG_S
 
 
 @pytest.mark.parametrize("argv,module,extra", [
@@ -48,7 +49,7 @@ def test_the_command_line_says_it_in_one_line_and_writes_nothing(tmp_path):
     (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'optuna'\", name='optuna')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "-m", "experiment=search_lr"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("error: hydra/sweeper=optuna needs dnnlab's optional packages 'optuna' (optuna is "
                                    "not installed): pip install 'dnnlab[optuna]'")

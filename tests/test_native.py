@@ -19,6 +19,7 @@ from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
 from dnnlab.train import train
 from dnnlab.transfer import Frozen
+from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.skipif(native.available() != "", reason=f"native step unavailable: {native.available()}")
 
@@ -324,14 +325,14 @@ def test_a_failed_build_leaves_the_autograd_path(tmp_path, data_root):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
     code = ("from dnnlab import native; import torch; r = native.available(); print(r); "
             "print(native.choose('auto', torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.device('cpu'), []))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     reason, chosen = done.stdout.splitlines()[-2:]
     assert reason.startswith("it could not be built") and chosen == "None"
     assert native.build_directory().parent != tmp_path / "cache"  # the failed build stayed out of the real cache
     assert list((tmp_path / "cache").glob("dnnlab_native_*"))
     cli = subprocess.run([sys.executable, "-m", "dnnlab", "train", f"data.root={data_root}", "data.val_size=100", "trainer.native=true",
-                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert "trainer.native=true is not possible here: it could not be built" in cli.stderr
     assert not (tmp_path / "run" / "summary.json").exists()

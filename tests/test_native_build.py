@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from dnnlab import native
+from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.skipif(native.available() != "", reason=f"native step unavailable: {native.available()}")
 
@@ -36,7 +37,7 @@ def probe(root: Path, cache: Path) -> SimpleNamespace:
     """available() in a fresh process importing dnnlab from `root`, with `cache` as torch's extension cache."""
     env = {**os.environ, "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": str(cache)}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)  # a guard against a hang only: a build takes 10-40 s
+                          timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     file, folder, why = done.stdout.splitlines()[-3:]
     assert Path(file).is_relative_to(root), file  # this install's dnnlab, not the editable one
@@ -80,7 +81,7 @@ def test_a_lock_left_by_a_killed_build_holds_up_no_build(tmp_path, monkeypatch):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # really held while the holder lives
     finally:
         holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=60)
+        holder.wait(timeout=HANG_S)
         holder.stdout.close()
     left = folder / "build-killed"
     left.mkdir()

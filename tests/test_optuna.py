@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from dnnlab.trial import open_storage, reported_metric
 from hydra_plugins.dnnlab_optuna_sweeper import _space
+from tests.conftest import HANG_S
 
 SWEEPER = ["hydra/sweeper=optuna"]
 SHORT = ["data.val_size=100", "trainer.progress=false"]
@@ -45,7 +46,7 @@ def sweep(data_root, tmp_path):
 
     def run(*overrides: str, epochs: int = 2, sweeper: bool = True, check: bool = True):
         result = subprocess.run(command(*overrides, epochs=epochs, sweeper=sweeper), cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
+                                capture_output=True, text=True, timeout=HANG_S)
         if check:
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
@@ -348,7 +349,7 @@ def postgres_url():
 
     def run(*args):
         result = subprocess.run(prefix + [str(a) for a in args], cwd=base, capture_output=True, text=True,
-                                timeout=120)
+                                timeout=HANG_S)
         assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout}\n{result.stderr}\n" + (
             (base / "log").read_text() if (base / "log").exists() else "")
 
@@ -368,7 +369,7 @@ def postgres_url():
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                           cwd=base, capture_output=True, timeout=120)
+                           cwd=base, capture_output=True, timeout=HANG_S)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dnnlab.trial import open_storage, owner_record
 from hydra_plugins.dnnlab_optuna_sweeper import _space
 from tests.test_optuna import journal_study, postgres_url, states, sweep  # noqa: F401 (fixtures)
+from tests.conftest import HANG_S
 
 LR = "optimizer.lr=tag(log, interval(1e-3, 1e-1))"
 # a trial that runs until it is killed: about 20 ms an epoch on the tiny data, and no early stop
@@ -31,7 +32,7 @@ COMPLETE, FAIL, RUNNING = TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNI
 
 
 def wait_running(proc: subprocess.Popen, log_path, load: Callable[[], optuna.Study],
-                 timeout: float = 120.0) -> FrozenTrial:
+                 timeout: float = HANG_S) -> FrozenTrial:
     """The background sweep's first trial once it is RUNNING and has reported an epoch (bounded wait). The storage is
     read only once the sweep launches a job: by then it has created the study (and a database's tables)."""
     deadline = time.monotonic() + timeout
@@ -49,7 +50,7 @@ def kill(proc: subprocess.Popen) -> None:
     """SIGKILL to the sweep's process group (the sweeper and anything it started), and reap it."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG_S)
 
 
 def nothing_lines(output: str) -> list[str]:
@@ -93,7 +94,7 @@ def test_an_interrupted_trial_has_no_result_and_is_made_up(sweep):
     try:
         assert wait_running(proc, sweep.log, lambda: journal_study(sweep.dir)).number == 1
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=120)
+        proc.wait(timeout=HANG_S)
     finally:
         kill(proc)
     study = journal_study(sweep.dir)
@@ -160,7 +161,7 @@ def test_a_killed_sweeper_stops_beating_and_optuna_fails_its_trial(sweep, tmp_pa
         assert check() == [RUNNING]
     finally:
         kill(proc)
-    deadline = time.monotonic() + 60  # no more heartbeats: the check fails the trial once the grace has passed
+    deadline = time.monotonic() + HANG_S  # no more heartbeats: the check fails the trial once the grace has passed
     while check() == [RUNNING] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert states(load()) == [FAIL] and "status" not in load().trials[0].user_attrs

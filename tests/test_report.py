@@ -28,6 +28,7 @@ from dnnlab import report as report_module
 from dnnlab.record import COLUMNS, read_metrics
 from dnnlab.report import MAX_LEGEND, main, report
 from dnnlab.train import train
+from tests.conftest import HANG_S
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_COLUMNS = ["status", "best val_acc", "test_acc", "epochs", "seconds"]
@@ -42,7 +43,7 @@ def sweep(data_root, tmp_path_factory) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "dnnlab", "train", "-m", "optimizer=sgd,adam", "optimizer.lr=0.001,0.0001",
          "model.n_hidden=1", "data.val_size=100", "trainer.epochs=2", "trainer.progress=false",
-         f"hydra.sweep.dir={folder / 'S'}"], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+         f"hydra.sweep.dir={folder / 'S'}"], cwd=folder, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr
     return folder / "S"
 
@@ -384,7 +385,7 @@ def test_no_runs_is_one_line_and_exit_2(tmp_path, capsys, make):
 
 def test_the_command_line_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dnnlab", "report", str(tmp_path / "nope")], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=HANG_S)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist" and "Traceback" not in result.stderr
 
@@ -464,7 +465,7 @@ def test_a_report_piped_to_a_file_keeps_its_rows_whole(wide_sweep, tmp_path, col
     env.update({"COLUMNS": columns} if columns else {})
     result = subprocess.run([sys.executable, "-m", "dnnlab", "report", str(wide_sweep), "--out", str(tmp_path)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, timeout=120)
+                            env=env, timeout=HANG_S)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     if columns:
@@ -492,7 +493,7 @@ def test_a_terminal_gets_a_table_of_its_own_width(wide_sweep, tmp_path):
     with subprocess.Popen([sys.executable, "-m", "dnnlab", "report", str(wide_sweep), "--out", str(tmp_path)],
                           stdin=follower, stdout=follower, stderr=follower, env=env) as job:
         os.close(follower)
-        output, deadline = b"", time.monotonic() + 120
+        output, deadline = b"", time.monotonic() + HANG_S
         while time.monotonic() < deadline:
             if not select.select([leader], [], [], 1.0)[0]:
                 continue

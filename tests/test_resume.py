@@ -58,6 +58,7 @@ elif kind in ("step", "sigint", "sigterm"):  # after the n-th optimizer step, in
             os.kill(os.getpid(), sig)
     optim.GradientRules.after_step = after_step
 from dnnlab.cli import main
+from tests.conftest import HANG_S
 main()
 """
 ARGS = ["data.val_size=100", "trainer.epochs=5", "trainer.progress=false", "trainer.early_stopping.patience=50",
@@ -68,7 +69,7 @@ ARGS = ["data.val_size=100", "trainer.epochs=5", "trainer.progress=false", "trai
 def run(data_root, run_dir: Path, kill: str | None = None, extra=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "DNNLAB_DATA": str(data_root), "KILL_AT": kill or "none:0"}
     return subprocess.run([sys.executable, "-c", WRAPPER, "train", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=180)
+                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=HANG_S)
 
 
 def metrics(run_dir: Path) -> list[str]:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from dnnlab import CONF_DIR
+from tests.conftest import HANG_S
 
 QUICK = ["data.val_size=100", "trainer.epochs=2", "trainer.progress=false"]
 
 
-def sweep(data_root, tmp_path, *args, timeout=300) -> tuple[subprocess.CompletedProcess, Path]:
+def sweep(data_root, tmp_path, *args, timeout=HANG_S) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "sweep"
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
@@ -108,6 +109,6 @@ def test_submitit_local_launcher(data_root, tmp_path):
 
 def test_shipped_slurm_launcher_config_composes(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "hydra/launcher=slurm", "--cfg", "hydra"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert "SlurmLauncher" in done.stdout and "cpus_per_task: 2" in done.stdout

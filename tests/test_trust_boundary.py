@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.model import build_mlp
+from tests.conftest import HANG_S
 
-LIMIT = 120  # seconds: far above the 2-3 s each command takes; reaching it means dnnlab hung
 # nine levels of nine aliases: 9^9 nodes once expanded
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
@@ -28,7 +28,7 @@ def dnnlab(*args: str, cwd: Path, data_root: Path | None = None) -> subprocess.C
     env = {**os.environ, **({"DNNLAB_DATA": str(data_root)} if data_root else {})}
     env.pop("DNNLAB_ALLOWED_TARGETS", None)
     return subprocess.run([sys.executable, "-m", "dnnlab", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=LIMIT)
+                          text=True, timeout=HANG_S)
 
 
 def refused(done: subprocess.CompletedProcess, *expected: str) -> str:

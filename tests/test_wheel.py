@@ -16,12 +16,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.conftest import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=HANG_S, **kwargs)
 
 
 @pytest.fixture(scope="module")
