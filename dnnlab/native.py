@@ -172,6 +172,7 @@ def _build(folder: Path) -> None:
         source.write_bytes(_source())
         built = load("dnnlab_native", [str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                      build_directory=str(work), is_python_module=False, verbose=False)  # (it appends to the lists)
+        built = built or work / "dnnlab_native.so"  # (torch 2.4 returns None; the library has this name)
         os.replace(built, folder / LIBRARY)  # (this process keeps the library it loaded: the same inode)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,7 @@ import torch
 
 from dnnlab.errors import DnnlabError
 from dnnlab.train import train
+from tests.conftest import HANG_S
 
 # Runs the CLI in a subprocess with one patch that kills (or signals) the process at a chosen point.
 WRAPPER = r"""
@@ -58,7 +59,6 @@ elif kind in ("step", "sigint", "sigterm"):  # after the n-th optimizer step, in
             os.kill(os.getpid(), sig)
     optim.GradientRules.after_step = after_step
 from dnnlab.cli import main
-from tests.conftest import HANG_S
 main()
 """
 ARGS = ["data.val_size=100", "trainer.epochs=5", "trainer.progress=false", "trainer.early_stopping.patience=50",
