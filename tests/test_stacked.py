@@ -81,7 +81,8 @@ def test_each_stacked_job_matches_the_job_trained_alone(make_cfg, tmp_path, vari
     monkeypatch.setattr(dnnlab.stacked._Stepper, "step", lambda self, stack: steps.append(1) or step(self, stack))
     cfgs, dirs, summaries, alone = run_both(make_cfg, tmp_path, variants, "trainer.epochs=3")
     # with the update in the C++ step, torch's first step (creating the optimizers' state) is the only separate one
-    assert (len(steps) == 1) == (variants is IN_STEP)
+    # (torch 2.4's AdamW is no Adam subclass, so its job takes optimizer.step)
+    assert (len(steps) == 1) == (variants is IN_STEP and issubclass(torch.optim.AdamW, torch.optim.Adam))
     for (name, _), d, s, a in zip(variants.items(), dirs, summaries, alone):
         assert s["status"] == a["status"] == "completed", name
         assert_same_metrics(d, d.parent / d.name.replace("stacked", "alone"))
