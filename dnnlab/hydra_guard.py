@@ -5,7 +5,9 @@ and hands hydra.job_logging / hydra.hydra_logging to logging.config.dictConfig (
 what they name) before the task starts, so the task's own check (dnnlab.validate) comes too late for them. This
 composes the command line's config once, as Hydra will, and refuses what is not one of the known parts, launcher
 settings the launcher would fail on (joblib's n_jobs=0) or take silently (a stack of 0 jobs), and an output folder
-that cannot be written (Hydra would fail with a traceback while configuring its log file).
+that cannot be written (Hydra would fail with a traceback while configuring its log file). Before that, the
+command line's groups, options and keys are checked against what the command's configs know (dnnlab.keys): Hydra
+would add a misspelt key given with +, and advise that + for one given without.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, components, extras
+from dnnlab import CONF_DIR, components, extras, keys
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.validate import int_min, integer, num, optional, targets, walk
 
@@ -130,19 +132,77 @@ def _check_logging(section, key: str) -> None:
 
 
 def check_command_line(config_name: str, argv: list[str]) -> list[str]:
-    """Compose argv's config as Hydra will (run or multirun) and check its hydra node; nothing to do for the
-    commands that only print (--help, --cfg, --info, --shell-completion). Returns argv with Hydra's flags before
-    the overrides: Hydra's own parser refuses `a=1 -m b=2`, with its usage text."""
+    """Check argv's groups, options and keys against the command's configs, compose its config as Hydra will (run
+    or multirun) and check its hydra node; only the names for the commands that print (--help, --cfg, --info),
+    nothing for --shell-completion. Returns argv with Hydra's flags before the overrides: Hydra's own parser
+    refuses `a=1 -m b=2`, with its usage text."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType as Kind
+    from hydra.errors import ConfigCompositionException
+
     args, ordered = parse(argv)
     if args.experimental_rerun is not None:
         raise DnnlabError("--experimental-rerun loads a pickle file, which can run any code: not allowed; run the "
                           "command again with its overrides (RUN/.hydra/overrides.yaml)")
-    if args.help or args.hydra_help or args.shell_completion or args.info or args.cfg:
+    if args.run + args.multirun + bool(args.cfg) + bool(args.info) + args.shell_completion > 1:  # Hydra: a traceback
+        raise DnnlabError("only one of --run, --multirun, --cfg, --info and --shell-completion at a time")
+    if args.shell_completion:
         return ordered
-    cfg, multirun = compose(args.config_name or config_name, args)
+    name = args.config_name or config_name
+    overrides = OverridesParser.create().parse_overrides(args.overrides)
+    known = known_names(name, args)
+    keys.check_groups(known, overrides)
+    if args.help or args.hydra_help or args.info or args.cfg:
+        keys.check_keys(known, overrides, tuple(Kind), job_components(name, args, overrides, known))
+        return ordered
+    try:
+        cfg, multirun = compose(name, args)
+    except ConfigCompositionException:  # an unknown key gets its nearest name, not Hydra's advice to add it with +
+        keys.check_keys(known, overrides, (Kind.CHANGE, Kind.DEL), job_components(name, args, overrides, known))
+        raise
     extras.check(cfg.hydra)
     check_hydra(cfg.hydra, multirun)
+    # after check_hydra, which tells `+x={_target_:...} +hydra.callbacks.y=${x}` what it is; and a sweep's keys,
+    # which a multirun's composed config leaves out (Hydra would find an unknown one in every job)
+    late = [o for o in overrides if o.type in (Kind.ADD, Kind.FORCE_ADD) or o.is_sweep_override()]
+    keys.check_keys(known, late, tuple(Kind), job_components(name, args, overrides, known, cfg))
     return ordered
+
+
+def job_components(config_name: str, args, overrides: list, known: keys.Known, composed: DictConfig | None = None):
+    """section -> the components (_target_) it will have in the command's jobs: the composed config's (composed
+    here from the groups, components and hydra settings of the command line where it is not given), and those
+    the command line picks; None where that config cannot be composed (Hydra tells why)."""
+    import argparse
+
+    @functools.cache
+    def config() -> DictConfig | None:
+        if composed is not None:
+            return composed
+        kept = [o.input_line for o in overrides if keys.is_hydras(o) or known.repo.group_exists(o.key_or_group)
+                or o.key_or_group.endswith("._target_")]
+        try:
+            return compose(config_name, argparse.Namespace(**{**vars(args), "overrides": kept}))[0]
+        except Exception:  # the same failure as the whole command line's, which Hydra reports
+            return None
+
+    def components(section: str) -> set[str] | None:
+        if config() is None:
+            return None
+        target = OmegaConf.select(config(), f"{section}._target_", default=None)
+        return ({target} if isinstance(target, str) else set()) | keys.picks(known, overrides, section)
+
+    return components
+
+
+def known_names(config_name: str, args) -> keys.Known:
+    """What the command's configs know, in the config repository Hydra will compose from."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    loader = ConfigLoaderImpl(config_search_path=search_path(args))
+    # the repository with the primary config's hydra.searchpath added (pretrain_app's conf_pretrain/)
+    _, repo = loader._parse_overrides_and_create_caching_repo(config_name, args.overrides)
+    return keys.Known(repo, config_name)
 
 
 def parse(argv: list[str]):
@@ -162,18 +222,24 @@ def parse(argv: list[str]):
     return args, flags + args.overrides
 
 
+def search_path(args):
+    """Hydra's config search path for the command line's --config-path and --config-dir."""
+    from hydra._internal.utils import create_config_search_path
+
+    config_path = os.path.abspath(args.config_path) if args.config_path else str(CONF_DIR)
+    found = create_config_search_path(f"file://{config_path}")
+    if args.config_dir is not None:
+        found.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}")
+    return found
+
+
 def compose(config_name: str, args) -> tuple[DictConfig, bool]:
     """The config Hydra will run, and whether it is a multirun."""
     from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    config_path = os.path.abspath(args.config_path) if args.config_path else str(CONF_DIR)
-    search_path = create_config_search_path(f"file://{config_path}")
-    if args.config_dir is not None:
-        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}")
-    hydra = Hydra.create_main_hydra2(task_name="dnnlab", config_search_path=search_path)
+    hydra = Hydra.create_main_hydra2(task_name="dnnlab", config_search_path=search_path(args))
     try:
         multirun = args.multirun or hydra.get_mode(config_name=config_name, overrides=args.overrides) \
             == RunMode.MULTIRUN

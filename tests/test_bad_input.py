@@ -185,7 +185,8 @@ def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["optimizer=foo"], "Could not find 'optimizer/foo'"),
-    (["optimizer.foo=1"], "Could not override 'optimizer.foo'"),
+    (["optimizer.foo=1"], "'optimizer.foo' is not a setting of torch.optim.Adam"),
+    (["trainer.epoch=3"], "unknown key 'trainer.epoch': did you mean trainer.epochs?"),
     (["optimizer.lr=["], "no viable alternative"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is not allowed"),
     (["data.classes=[0,12]"], "data.classes=[0, 12]"),
@@ -270,3 +271,91 @@ def test_an_error_line_keeps_its_brackets(capsys):
 
     error("use key=[value1,value2] or [bold]x[/]")
     assert capsys.readouterr().err.strip() == "error: use key=[value1,value2] or [bold]x[/]"
+
+
+# --- Hydra's messages on one line, and the names a command line may use ----------------------------------------
+
+@pytest.mark.parametrize("message,expected", [
+    ("Could not override 'optimzer'.\nTo append to your config use +optimzer=adam",
+     "Could not override 'optimzer'. To append to your config use +optimzer=adam"),
+    ("Could not append to config. An item is already at 'a.b'.\nEither remove + prefix: 'a.b=1'\n"
+     "Or add a second + to add or override 'a.b': '++a.b=1'",
+     "Could not append to config. An item is already at 'a.b'. Either remove + prefix: 'a.b=1'. Or add a second + "
+     "to add or override 'a.b': '++a.b=1'"),
+    ("In 'train': Could not find 'optimizer/foo'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd\n"
+     "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf",
+     "In 'train': Could not find 'optimizer/foo'. Available options in 'optimizer': adam, sgd"),
+    ("Multiple values for optimizer.\nTo override a value use 'override optimizer: adam'",
+     "Multiple values for optimizer. To override a value use 'override optimizer: adam'"),
+    ("first clause\nsecond clause", "first clause; second clause"),
+])
+def test_hydras_lines_are_joined_as_sentences(message, expected):
+    from hydra.errors import ConfigCompositionException
+
+    from dnnlab.cli import one_line
+
+    assert one_line(ConfigCompositionException(message)) == expected
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optimizer.lr=[", "cannot parse 'optimizer.lr=[': no viable alternative at input '['. See https://hydra.cc/"),
+    ('a="b', "cannot parse 'a=\"b': unexpected text. See https://hydra.cc/"),
+    ("a=b)", "cannot parse 'a=b)': Error parsing override 'a=b)'; extraneous input ')' expecting <EOF>. See https"),
+])
+def test_an_override_that_does_not_parse_is_named(override, expected):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from dnnlab.cli import one_line
+
+    with pytest.raises(OverrideParseException) as info:
+        OverridesParser.create().parse_overrides([override])
+    assert one_line(info.value).startswith(expected), one_line(info.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["+regularizer.max_norm=1.0"],  # a key of another option of the group
+    ["regularizer=[l2,dropout]", "regularizer.dropout.rate=0.3", "++regularizer.l2=0.1"],
+    ["+optimizer.amsgrad=true"],  # a setting torch.optim.Adam takes
+    ["optimizer=sgd", "+optimizer.nesterov=true", "+optimizer.dampening=0.1"],
+    ["activation._target_=torch.nn.Hardswish", "+activation.inplace=true"],  # the settings of the component named
+    ["+activation._args_=[1]"],  # Hydra's settings of a component: the target checks decide
+    ["experiment=ed1/ex8"], ["-m", "experiment=ed1/ex8,ed1/l1", "trainer.seed=1,2", "data.seed=${trainer.seed}"],
+    ["-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log, interval(1e-4, 1e-1))", "optimizer=choice(adam,nadam)"],
+    ["-m", "hydra/launcher=joblib", "++hydra.launcher.pre_dispatch=4", "+hydra.job.env_set.X=1", "optimizer=adam,sgd"],
+    ["-m", "optimizer=sgd,no_such_optimizer"],  # a sweep's option: that job fails on its own, the others run
+    ["--cfg", "job", "++trainer.epochs=3", "~trainer.early_stopping"],
+])
+def test_legitimate_additions_pass_the_key_check(argv):
+    from dnnlab.hydra_guard import check_command_line
+
+    check_command_line("train", argv)
+
+
+def test_every_command_line_of_the_readme_and_the_presets_passes_the_key_check():
+    """Every `dnnlab train|pretrain|diagnose|lr-find ...` example of README.md and of the configs' comments: its
+    overrides (up to the first word that is not one) pass check_command_line."""
+    import re
+    import shlex
+
+    from dnnlab import CONF_DIR
+    from dnnlab.cli import COMMANDS
+    from dnnlab.hydra_guard import check_command_line
+
+    text = (CONF_DIR.parent / "README.md").read_text() + "".join(p.read_text() for p in CONF_DIR.rglob("*.yaml"))
+    checked = set()
+    for command, rest in set(re.findall(r"dnnlab (train|pretrain|diagnose|lr-find)([^\n#`|]*)", text)):
+        argv = []
+        try:
+            words = shlex.split(rest)
+        except ValueError:  # prose
+            continue
+        for word in words:
+            if not (word.startswith("-") or "=" in word or argv[-1:] == ["--cfg"]) or word[:1] in "[<" or "<" in word:
+                break
+            argv.append(word)
+        if argv:
+            if (command, *argv) not in checked:
+                check_command_line(COMMANDS[command][2], argv)
+                checked.add((command, *argv))
+    assert len(checked) >= 40
