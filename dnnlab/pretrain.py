@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import CONF_DIR, checkpoint, hydra_files
+from dnnlab import CONF_DIR, checkpoint, conf_dirs, hydra_files  # conf_dirs: the resolver pretrain_app.yaml uses
 from dnnlab.components import make
 from dnnlab.errors import bad_value
 from dnnlab.model import widths

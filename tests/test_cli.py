@@ -23,6 +23,9 @@ BOTH = pytest.mark.parametrize("launcher", list(LAUNCHERS))
 # Every config group on disk (hydra/ holds the help template, not a group users choose from).
 GROUP_OPTIONS = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
                  for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and d.name != "hydra"}
+# The groups only `dnnlab pretrain` takes, beside conf/ (dnnlab/conf_dirs.py)
+PRETRAIN_GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+                   for d in sorted((CONF_DIR.parent / "conf_pretrain").iterdir()) if d.is_dir()}
 NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
 
@@ -74,6 +77,30 @@ def test_train_help_lists_every_group_and_option(dnnlab):
     # the default config follows, one top-level key per group
     assert {"data:", "model:", "init:", "activation:", "norm:", "optimizer:", "schedule:", "regularizer: {}",
             "trainer:"} <= set(lines)
+    assert not any(line.startswith("pretrain") for line in lines)  # a group of dnnlab pretrain only
+    assert 'eval "$(dnnlab completion bash)"' in out  # the working tab-completion line, not Hydra's
+
+
+def test_each_apps_help_lists_the_groups_it_takes(dnnlab):
+    lines = dnnlab("pretrain", "--help").stdout.splitlines()
+    assert PRETRAIN_GROUPS == {"pretrain": ["autoencoder", "same_digit"]}
+    for group, options in {**GROUP_OPTIONS, **PRETRAIN_GROUPS}.items():
+        assert f"{group}: {', '.join(options)}" in lines, group
+    assert "Usage: dnnlab pretrain [pretrain=autoencoder|same_digit] [key=value ...]" in lines
+
+
+def test_a_misspelt_key_is_refused_not_added(dnnlab, tmp_path):
+    """Hydra would add +trainer.epoch=3 (and advised that + for trainer.epoch=3): a run with the default epochs."""
+    for override in ("trainer.epoch=3", "+trainer.epoch=3"):
+        result = dnnlab("train", "debug=smoke", override, f"hydra.run.dir={tmp_path / 'run'}", launcher="script")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == ["error: unknown key 'trainer.epoch': did you mean "
+                                                      "trainer.epochs? (--help lists every group and key)"]
+        assert not (tmp_path / "run").exists() and "+trainer.epoch" not in result.stderr
+    result = dnnlab("train", "--cfg", "job", "+regularizer.max_norm=1.0", "+optimizer.amsgrad=true")
+    assert result.returncode == 0, result.stderr  # a key of another option of its group; an argument of Adam
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.regularizer.max_norm == 1.0 and cfg.optimizer.amsgrad is True
 
 
 def test_cfg_job_prints_the_composed_config_without_running(dnnlab, tmp_path):

@@ -1,0 +1,41 @@
+"""The folders of the groups that only one command takes, for its config to name: `${dnnlab.conf_dir:pretrain}`.
+
+conf_pretrain/ sits beside conf/ (in a source checkout, and inside the package in the wheel, as conf/ does), so
+that `dnnlab train --help` and tab completion, which list every group under conf/, do not offer the pretrain group
+that only `dnnlab pretrain` takes: pretrain_app.yaml adds the folder to its hydra.searchpath, and lists its groups
+in its help with `${dnnlab.groups:pretrain}`. Every module that composes an app's config imports this one, which
+registers the resolvers; it imports no torch (tab completion).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dnnlab import CONF_DIR
+
+
+def conf_dir(command: str) -> str:
+    """The folder of the groups that only `dnnlab COMMAND` takes."""
+    return str(CONF_DIR.parent / f"conf_{command}")
+
+
+def groups(command: str) -> str:
+    """The help's lines for the groups that only `dnnlab COMMAND` takes, as Hydra writes the others' (Hydra's help
+    lists only the groups of the config path, not of hydra.searchpath): `group: option, ...`, one a line."""
+    folder = Path(conf_dir(command))
+    found = sorted(g for g in folder.iterdir() if g.is_dir()) if folder.is_dir() else []
+    return "".join(f"{g.name}: {', '.join(sorted(p.stem for p in g.glob('*.yaml')))}\n" for g in found)
+
+
+def owner(group: str) -> str | None:
+    """The command whose own folder holds `group` (`pretrain` for the pretrain group), else None."""
+    for folder in sorted(CONF_DIR.parent.glob("conf_*")):
+        if group and (folder / group).is_dir():
+            return folder.name.removeprefix("conf_")
+    return None
+
+
+for _name, _resolver in (("dnnlab.conf_dir", conf_dir), ("dnnlab.groups", groups)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
