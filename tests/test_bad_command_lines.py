@@ -14,8 +14,8 @@ import traceback
 from pathlib import Path
 
 import pytest
+from tests.conftest import HANG_S
 
-LIMIT = 120  # seconds: far above the 1-3 s each refusal takes; reaching it means dnnlab hung (bench once did)
 HYDRA_COMMANDS = ("train", "pretrain", "diagnose", "lr-find")
 # for the Hydra commands, before the case's own overrides (a later override wins): quiet, small, on the tiny data
 BASE = ["trainer.progress=false", "data.val_size=100", "trainer.epochs=1"]
@@ -246,7 +246,7 @@ def finished_run(data_root, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *BASE, "model.n_hidden=2", "model.n_neurons=8",
                            f"hydra.run.dir={run}"], env={**os.environ, "DNNLAB_DATA": str(data_root)},
-                          cwd=run.parent, capture_output=True, text=True, timeout=300)
+                          cwd=run.parent, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     return run
 
@@ -299,10 +299,10 @@ def run(forkserver, args: list[str], cwd: Path, data_root: Path) -> subprocess.C
     out, err = cwd.parent / "stdout", cwd.parent / "stderr"
     process = forkserver.Process(target=command_line, args=(args, str(cwd), str(data_root), str(out), str(err)))
     process.start()
-    process.join(LIMIT)
+    process.join(HANG_S)
     if process.is_alive():
         process.kill()
-        pytest.fail(f"dnnlab {' '.join(args)} still ran after {LIMIT} s")
+        pytest.fail(f"dnnlab {' '.join(args)} still ran after {HANG_S} s")
     return subprocess.CompletedProcess(args, process.exitcode, out.read_text(), err.read_text())
 
 

@@ -13,7 +13,7 @@ import torch
 
 from dnnlab.errors import DnnlabError
 from dnnlab.train import train
-from tests.conftest import write_dataset
+from tests.conftest import HANG_S, write_dataset
 from tests.test_data import damage
 
 CATALOGUE = [  # (overrides, what the line must contain)
@@ -195,7 +195,7 @@ def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
 def test_command_line_errors_exit_2_with_one_line(data_root, tmp_path, args, expected):
     done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *args, "trainer.progress=false"],
                           cwd=tmp_path, env={**os.environ, "DNNLAB_DATA": str(data_root)}, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
@@ -217,11 +217,11 @@ def test_a_run_folder_on_a_read_only_file_system_is_one_line_and_untouched(data_
     args = [sys.executable, "-m", "dnnlab", "train", "data.val_size=100", "trainer.epochs=1", "trainer.progress=false",
             f"hydra.run.dir={run}"]
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
-    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(args, env=env, capture_output=True, timeout=HANG_S).returncode == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     script = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_S)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert f"hydra.run.dir='{run}' is not allowed: a folder dnnlab can write to ({run} is read-only here)" in lines[0]

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from dnnlab import CONF_DIR
 from dnnlab.record import COLUMNS
+from tests.conftest import HANG_S
 
 SCRIPT = Path(sys.executable).parent / "dnnlab"  # the console script pip installed beside this interpreter
 LAUNCHERS = {"module": [sys.executable, "-m", "dnnlab"], "script": [str(SCRIPT)]}
@@ -38,7 +39,7 @@ def dnnlab(data_root, tmp_path):
 
     def run(*args: str, launcher: str = "module") -> subprocess.CompletedProcess:
         return subprocess.run(LAUNCHERS[launcher] + list(args), cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=HANG_S)
 
     return run
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dnnlab.completion import candidates, hydra_candidates
+from tests.conftest import HANG_S
 
 BIN = Path(sys.executable).parent  # the venv's bin, holding the dnnlab console script
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TERM": "dumb"}
@@ -32,7 +33,7 @@ def needs(shell: str):
 
 def dnnlab(*args: str, **env: str) -> subprocess.CompletedProcess:
     done = subprocess.run([str(BIN / "dnnlab"), *args], env={**ENV, **env}, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -105,7 +106,7 @@ def bash_replies(lines: list[tuple[str, int | None]], equals_breaks: bool = True
     script = BASH_DRIVER + ("" if equals_breaks else "COMP_WORDBREAKS=${COMP_WORDBREAKS//=}\n")
     script += "".join(f"ask '{line}' {'' if point is None else point}\n" for line, point in lines)
     done = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("complete -o default -F _dnnlab_complete dnnlab"), done.stdout
     replies, current = {}, None
@@ -145,7 +146,8 @@ def test_bash_without_the_equals_sign_as_word_break():
 
 # --- every shell, interactively: what the line becomes after a TAB ---------------------------------------------
 
-def interactive(argv: list[str], setup: list[str], cases: list[tuple[str, str]], limit: float = 60) -> list[str]:
+def interactive(argv: list[str], setup: list[str], cases: list[tuple[str, str]],
+                limit: float = HANG_S) -> list[str]:
     """Type each case's text (ending in a TAB) into one interactive shell on a terminal, clearing the line after
     each; the output of each once its expected text shows (or the time is up)."""
     pid, fd = pty.fork()
@@ -208,7 +210,7 @@ def test_fish_offers_the_candidates():
     script = ("dnnlab completion fish | source; complete -C 'dnnlab train optimizer=n'; echo ---; "
               "complete -C 'dnnlab tr'; echo ---; complete -C 'dnnlab pretrain pretrain='")
     done = subprocess.run(["fish", "--no-config", "-c", script], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     options, commands, pretrain = [p.split() for p in done.stdout.split("---")]
     assert options == ["optimizer=nadam", "optimizer=nesterov"] and commands == ["train"]

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.pretrain import PairSampler, pretrain
 from dnnlab.train import train
+from tests.conftest import HANG_S
 
 
 @pytest.fixture
@@ -84,11 +85,11 @@ def test_dnnlab_pretrain_command(data_root, tmp_path):
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
     done = subprocess.run([sys.executable, "-m", "dnnlab", "pretrain", "pretrain=same_digit", "pretrain.epochs=1",
                            "data.val_size=100", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"]["kind"] == "same_digit"
     bad = subprocess.run([sys.executable, "-m", "dnnlab", "pretrain", "pretrain.epochs=0",
                           f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=HANG_S)
     assert bad.returncode == 2 and "pretrain.epochs=0" in bad.stderr and "Traceback" not in bad.stderr
