@@ -15,7 +15,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 torch=("torch==2.14.1" "torchvision==0.29.1")
-installed=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | grep -E "^(torch|torchvision)==" | sort | xargs)
+installed=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | { grep -E "^(torch|torchvision)==" || true; } \
+  | sort | xargs)
 if [ "$installed" = "${torch[*]}" ]; then
   say "${torch[*]} already installed"
 else
