@@ -210,13 +210,11 @@ def save_figure(fig, path: Path, close: bool = True, **savefig_kwargs) -> None:
 
 def _overrides(run_dir: Path) -> list[str]:
     """The overrides the run was started with (.hydra/overrides.yaml, where Hydra wrote one), UNSHOWN left out."""
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
     try:
-        items = stored.read(path) if path.is_file() else None
-    except (OSError, DnnlabError):
+        items = stored.overrides(run_dir) or []
+    except (OSError, ValueError, DnnlabError):
         return []
-    return [i for i in items if isinstance(i, str) and not i.lstrip("+~").startswith(UNSHOWN)] \
-        if isinstance(items, list) else []
+    return [i for i in items if not i.lstrip("+~").startswith(UNSHOWN)]
 
 
 def run_title(cfg: DictConfig, run_dir: Path) -> str:

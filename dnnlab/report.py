@@ -128,15 +128,8 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def read_overrides(folder: Path) -> dict[str, str] | None:
-    path = folder / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    items = stored.read(path)
-    if items is None:
-        return {}
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ValueError("not a list of overrides")
-    return dict(parse_override(i) for i in items)
+    items = stored.overrides(folder)
+    return None if items is None else dict(parse_override(i) for i in items)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -56,6 +56,20 @@ def read(path: Path, source: str | None = None):
         return plain(f.read(MAX_BYTES + 1).decode("utf-8", errors="replace"), source or str(path))
 
 
+def overrides(run_dir: Path) -> list[str] | None:
+    """The overrides a run was started with (RUN/.hydra/overrides.yaml), or None where Hydra wrote none; a file
+    that is not a list of strings is an error (ValueError)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    items = read(path)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError("not a list of overrides")
+    return items
+
+
 def read_mapping(path: Path):
     """read() of a file that must hold a mapping or a list (a .hydra file); anything else is an error, so that no
     string is parsed again by OmegaConf (which would expand its aliases)."""
