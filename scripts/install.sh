@@ -16,7 +16,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 torch=("torch==2.14.1" "torchvision==0.29.1")
 installed=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | { grep -E "^(torch|torchvision)==" || true; } \
-  | sort | xargs)
+  | sed "s/+.*//" | sort | xargs)  # (a local version such as 2.14.1+cpu is the same release)
 if [ "$installed" = "${torch[*]}" ]; then
   say "${torch[*]} already installed"
 else
