@@ -178,6 +178,15 @@ def _build(folder: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _identity(library: Path) -> tuple[int, int] | None:
+    """Which file stands at `library` (inode, modification time), or None: a replaced library is another file."""
+    try:
+        st = library.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _loads(library: Path) -> bool:
     """Load a library built before; False, with a warning, where it cannot be (then it is built again)."""
     try:
@@ -198,11 +207,12 @@ def available() -> str:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
         library = folder / LIBRARY
-        found = library.exists()
-        if found and _loads(library):
+        before = _identity(library)
+        if before and _loads(library):
             return ""
         with _build_lock(folder):
-            if not found and library.exists() and _loads(library):  # another process built it while this one waited
+            now = _identity(library)  # another process built (or rebuilt a broken) one while this one waited
+            if now and now != before and _loads(library):
                 return ""
             log.info("building dnnlab's native training step (once per machine and torch version, about 10 s)")
             _build(folder)

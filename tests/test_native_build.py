@@ -64,6 +64,12 @@ def test_installs_at_other_paths_share_one_build_that_none_of_them_redoes(tmp_pa
         assert again.why == "ready" and not again.built and again.folder == first.folder
         assert identity(library) == built
     assert sorted(p.name for p in first.folder.iterdir()) == ["build.lock", native.LIBRARY]
+    # a library that cannot be loaded (a disk error, a half-copied cache) is built again, once: the next install
+    # loads the new file
+    library.write_bytes(b"not a shared library")
+    rebuilt = probe(b, cache)
+    assert rebuilt.why == "ready" and rebuilt.built and identity(library) != built
+    assert probe(a, cache).built is False
 
 
 def test_a_lock_left_by_a_killed_build_holds_up_no_build(tmp_path, monkeypatch):
