@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 
 from dnnlab.errors import DnnlabError
 
@@ -23,16 +24,26 @@ if [ -n "${ZSH_VERSION-}" ]; then
     eval "$(command dnnlab completion zsh)"
 else
 _dnnlab_complete() {
-    local line=${COMP_LINE:0:COMP_POINT} exe=$1 keep="" choice i
+    local line=${COMP_LINE:0:COMP_POINT} exe=$1 keep="" quoted="" choice i
     local word=${line##*[[:space:]]}
-    # readline replaces only what follows the last word-break character (= and : by default): keep the rest
-    for ((i = ${#word} - 1; i >= 0; i--)); do
-        if [[ $COMP_WORDBREAKS == *"${word:i:1}"* ]]; then keep=${word:0:i+1}; break; fi
-    done
+    if [[ $word =~ ^([^\'\"]*)([\'\"])(.*)$ && ${BASH_REMATCH[3]} != *"${BASH_REMATCH[2]}"* ]]; then
+        # an unclosed quote ('optimizer=n): readline completes what follows it, and closes it
+        keep=${BASH_REMATCH[1]} quoted=1
+    else
+        # readline replaces only what follows the last word-break character (= and : by default): keep the rest
+        for ((i = ${#word} - 1; i >= 0; i--)); do
+            if [[ $COMP_WORDBREAKS == *"${word:i:1}"* ]]; then keep=${word:0:i+1}; break; fi
+        done
+    fi
+    keep=${keep//[\'\"]} word=${word//[\'\"]}  # the query answers the words the shell will pass: unquoted
     [[ $exe == */* && -x $exe ]] || exe=dnnlab
     COMPREPLY=()
     while IFS= read -r choice; do
-        [[ $choice == "$word"* ]] && COMPREPLY+=("${choice#"$keep"}")
+        [[ $choice == "$word"* ]] || continue
+        choice=${choice#"$keep"}
+        # a list value ([0.9,0.999]) is quoted, as the shell would otherwise glob or brace-expand it
+        if [[ -z $quoted && $choice == *[^[:alnum:]_.,:=/+@%-]* ]]; then choice="'${choice//\'/\'\\\'\'}'"; fi
+        COMPREPLY+=("$choice")
     done < <(COMP_LINE=$line COMP_POINT=${#line} "$exe" -sc query=bash 2>/dev/null)
     # a key (trainer.epochs=) or a section (trainer.): what follows it comes without a space
     if [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *[=./] ]]; then compopt -o nospace 2>/dev/null; fi
@@ -54,8 +65,12 @@ _dnnlab_complete() {
     compadd -a others
     (( compstate[nmatches] )) || _files
 }
-(( $+functions[compdef] )) || { autoload -Uz compinit && compinit -u }
-compdef _dnnlab_complete dnnlab
+# compinit is the user's to run (it checks fpath's folders and writes ~/.zcompdump), as every zsh framework does
+if (( $+functions[compdef] )); then
+    compdef _dnnlab_complete dnnlab
+else
+    print -ru2 -- 'dnnlab completion: run `autoload -Uz compinit && compinit` first (e.g. earlier in ~/.zshrc)'
+fi
 """,
     "fish": r"""# dnnlab tab completion for fish: dnnlab completion fish | source, e.g. in ~/.config/fish/config.fish
 function __dnnlab_complete
@@ -75,7 +90,7 @@ UNINSTALL = {
     "fish": "complete -c dnnlab -e; functions -e __dnnlab_complete",
 }
 USAGE = ('usage: dnnlab completion bash|zsh|fish   tab completion of commands, groups, options and keys:\n'
-         '  bash, zsh: eval "$(dnnlab completion bash)"   (or zsh; e.g. in ~/.bashrc, ~/.zshrc)\n'
+         '  bash, zsh: eval "$(dnnlab completion bash)"   (or zsh; e.g. in ~/.bashrc, ~/.zshrc, after compinit)\n'
          '  fish:      dnnlab completion fish | source   (e.g. in ~/.config/fish/config.fish)')
 
 
@@ -114,7 +129,7 @@ def shell_completion(args: list[str], app: str | None) -> None:
     else:
         line = os.environ.get("COMP_LINE", "")
         point = os.environ.get("COMP_POINT", "")
-        line = line[:int(point)] if point.isdigit() else line
+        line = unquoted(line[:int(point)] if point.isdigit() else line)
         found = hydra_candidates(app, re.sub(r"^\s*\S*", "", line, count=1)) if app else candidates(line)
         print("\n".join(found))
 
@@ -136,27 +151,76 @@ def candidates(line: str) -> list[str]:
     return hydra_candidates(app, re.sub(r"^\s*\S+\s+\S+", "", line, count=1))
 
 
+def unquoted(line: str) -> str:
+    """`line` as the words the shell will pass, without their quotes, joined by spaces: the help's form for a list,
+    `'regularizer=[l2,dropout]'`, is one override for Hydra. An unclosed quote in the last word (`'optimizer=n`)
+    is closed: the shell completes what follows it."""
+    for close in ("", "'", '"') if not line.endswith("\\") else ():  # a trailing backslash: left as it is
+        try:
+            words = shlex.split(line + close)
+        except ValueError:  # not this quote
+            continue
+        new_word = line[-1:].isspace() and not close  # a space inside an unclosed quote is the word's
+        return " ".join(words) + (" " if new_word else "")
+    return line
+
+
 def hydra_candidates(config_name: str, args: str) -> list[str]:
-    """Hydra's completion of the last word of `args`, the arguments of the app whose config is `config_name`:
-    groups, options and keys (plus Hydra's flags), one per line; nothing where Hydra fails (a completion prints
-    candidates or nothing, never an error in the middle of the line being typed)."""
+    """Hydra's completion of the last word of `args`, the arguments of the app whose config is `config_name`
+    (--config-name, --config-path and --config-dir among them change it): groups, options and keys (plus Hydra's
+    flags), one per line; nothing where Hydra fails (a completion prints candidates or nothing, never an error in
+    the middle of the line being typed)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.bash_completion import BashCompletion
-    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra._internal.utils import get_args_parser
 
-    from dnnlab import CONF_DIR, conf_dirs  # noqa: F401 (conf_dirs: the resolver of pretrain_app's searchpath)
+    from dnnlab.conf_dirs import search_path  # also the resolver of pretrain_app's searchpath
 
-    word = "" if not args or args[-1].isspace() else args.split()[-1]
+    words = args.split()
+    word = "" if not args or args[-1].isspace() else words.pop()
+    parser = get_args_parser()
     if word.startswith("-"):
-        flags = [f for action in get_args_parser()._actions for f in action.option_strings]
-        return sorted(f for f in flags if f.startswith(word))
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
+        return sorted(f for action in parser._actions for f in action.option_strings if f.startswith(word))
+    flag = next((a for a in parser._actions if words and words[-1] in a.option_strings and a.nargs != 0), None)
+    if flag is not None:  # a flag's value: its choices (--cfg job), else the shell's files (--config-dir DIR)
+        return [c for c in flag.choices or () if c.startswith(word)]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse's complaint about an unfinished flag
-            found = BashCompletion(loader)._query(config_name=config_name, line=args)
+            parsed = parser.parse_args(words)
+            loader = ConfigLoaderImpl(config_search_path=search_path(parsed))
+            name = parsed.config_name or config_name
+            found = BashCompletion(loader)._query(config_name=name, line=args)
+            # a list or dict key: Hydra offers its items (key=0=, key=1=), which are no override
+            if word.endswith("=") and all(re.fullmatch(re.escape(word) + r"[^=]+[=.]", c) for c in found):
+                found = container_value(loader, name, parsed, word)
     except (Exception, SystemExit):  # any failure: no candidates
         return []
-    # a list value ([0.9, 0.999]) without its spaces: one argument on the command line; not Hydra's `key=0=` for
-    # the items of a list
-    return [re.sub(r"([,:]) ", r"\1", c) if re.search(r"=[\[{]", c) else c for c in found
-            if not re.search(r"=\d+=$", c)]
+    return found
+
+
+def container_value(loader, config_name: str, parsed, word: str) -> list[str]:
+    """[`key=VALUE`] for the word `key=` where the composed config's key is a list or a dict, its value written as
+    one override without spaces (optimizer.betas=[0.9,0.999]); [] for any other key."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    mode = RunMode.MULTIRUN if parsed.multirun else RunMode.RUN
+    config = loader.load_configuration(config_name=config_name, overrides=parsed.overrides, run_mode=mode)
+    node = OmegaConf.select(config, word[:-1], default=None)
+    return [word + override_text(OmegaConf.to_container(node))] if OmegaConf.is_config(node) else []
+
+
+def override_text(value) -> str:
+    """`value` in Hydra's override grammar, without spaces; a string quoted unless it reads as a string bare."""
+    if isinstance(value, list):
+        return "[" + ",".join(map(override_text, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_text(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not (re.fullmatch(r"[A-Za-z_][\w./-]*", value)
+                                       and value.lower() not in ("true", "false", "null", "nan", "inf")):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)

@@ -8,6 +8,7 @@ registers the resolvers; it imports no torch (tab completion).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -34,6 +35,19 @@ def owner(group: str) -> str | None:
         if group and (folder / group).is_dir():
             return folder.name.removeprefix("conf_")
     return None
+
+
+def search_path(args):
+    """Hydra's config search path for a command line's --config-path and --config-dir (argparse's namespace of
+    Hydra's flags): dnnlab's conf/ without them. Here, not in hydra_guard, for tab completion, which imports no
+    torch."""
+    from hydra._internal.utils import create_config_search_path
+
+    config_path = os.path.abspath(args.config_path) if args.config_path else str(CONF_DIR)
+    found = create_config_search_path(f"file://{config_path}")
+    if args.config_dir is not None:
+        found.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}")
+    return found
 
 
 for _name, _resolver in (("dnnlab.conf_dir", conf_dir), ("dnnlab.groups", groups)):
