@@ -17,11 +17,14 @@ import logging.handlers
 import os
 from pathlib import Path
 
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.types import Glob
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import CONF_DIR, components, extras, keys
+from dnnlab import components, extras, keys
 from dnnlab.errors import DnnlabError, bad_value
+from dnnlab.conf_dirs import search_path
 from dnnlab.validate import int_min, integer, num, optional, targets, walk
 
 # The launchers' settings (joblib, dnnlab's stacked launcher, submitit's SLURM): key under hydra.launcher, test,
@@ -153,46 +156,110 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     known = known_names(name, args)
     keys.check_groups(known, overrides)
     if args.help or args.hydra_help or args.info or args.cfg:
-        keys.check_keys(known, overrides, tuple(Kind), job_components(name, args, overrides, known))
+        keys.check_keys(known, overrides, tuple(Kind), Jobs(name, args, overrides, known))
         return ordered
     try:
         cfg, multirun = compose(name, args)
     except ConfigCompositionException:  # an unknown key gets its nearest name, not Hydra's advice to add it with +
-        keys.check_keys(known, overrides, (Kind.CHANGE, Kind.DEL), job_components(name, args, overrides, known))
+        keys.check_keys(known, overrides, (Kind.CHANGE, Kind.DEL), Jobs(name, args, overrides, known))
         raise
     extras.check(cfg.hydra)
     check_hydra(cfg.hydra, multirun)
     # after check_hydra, which tells `+x={_target_:...} +hydra.callbacks.y=${x}` what it is; and a sweep's keys,
     # which a multirun's composed config leaves out (Hydra would find an unknown one in every job)
     late = [o for o in overrides if o.type in (Kind.ADD, Kind.FORCE_ADD) or o.is_sweep_override()]
-    keys.check_keys(known, late, tuple(Kind), job_components(name, args, overrides, known, cfg))
+    keys.check_keys(known, late, tuple(Kind), Jobs(name, args, overrides, known))
     return ordered
 
 
-def job_components(config_name: str, args, overrides: list, known: keys.Known, composed: DictConfig | None = None):
-    """section -> the components (_target_) it will have in the command's jobs: the composed config's (composed
-    here from the groups, components and hydra settings of the command line where it is not given), and those
-    the command line picks; None where that config cannot be composed (Hydra tells why)."""
-    import argparse
+class Jobs:
+    """The command's jobs as the key checks see them: the components a section has and the options a group takes
+    in them. The command line's picks where it names them (a multirun's composed config leaves its sweeps out, and
+    the default it has instead is no job's); else the configs that its groups, components and hydra settings alone
+    compose (not its keys, which the checks judge): a run's one config, or one per option of each swept group or
+    component, hydra.sweeper.params' too, with the other sweeps at their defaults (not every combination)."""
 
-    @functools.cache
-    def config() -> DictConfig | None:
-        if composed is not None:
-            return composed
-        kept = [o.input_line for o in overrides if keys.is_hydras(o) or known.repo.group_exists(o.key_or_group)
-                or o.key_or_group.endswith("._target_")]
+    def __init__(self, config_name: str, args, overrides: list, known: keys.Known):
+        self.config_name, self.args, self.overrides, self.known = config_name, args, overrides, known
+        self.kept = [o for o in overrides if self._shapes(o)]
+
+    def _shapes(self, override) -> bool:
+        """Whether the override decides what the config is made of: a group, a component, hydra's settings."""
+        key = override.key_or_group
+        return keys.is_hydras(override) or self.known.repo.group_exists(key) or key.endswith("._target_")
+
+    def picks(self, key: str) -> list[str] | None:
+        return keys.picks(self.known, self.overrides, key)
+
+    def components(self, section: str) -> set[str] | None:
+        """The targets `section` has in the jobs; None where that cannot be told (Hydra tells why)."""
+        names = self.picks(f"{section}._target_")
+        if names is None and self.known.repo.group_exists(section):
+            options = self.picks(section)
+            found = [self.known.option(section, o)[1].get("_target_") for o in options or []]
+            names = None if options is None else [t for t in found if isinstance(t, str)]
+        if names is not None:
+            return set(names)
+        configs = self.configs
+        if configs is None:
+            return None
+        found = [OmegaConf.select(c, f"{section}._target_", default=None) for c in configs]
+        return {t for t in found if isinstance(t, str)}
+
+    def taken(self, group: str, key: str) -> tuple[set[str], bool] | None:
+        """The options `group` takes in the jobs, and whether some job's config (as composed from the groups) has
+        `key`: an experiment may set it; None where the configs do not compose."""
+        picked, configs = self.picks(group), self.configs
+        if configs is None:
+            return None
+        jobs = [c for c in configs if picked is None or c.hydra.runtime.choices.get(group) in picked]
+        options = set(picked) if picked is not None else {c.hydra.runtime.choices.get(group) for c in jobs}
+        return options - {None}, any(keys.holds(keys.plain(c), key) for c in jobs)
+
+    @functools.cached_property
+    def configs(self) -> list[DictConfig] | None:
+        """The configs of the jobs without their keys' overrides (see the class); None where the command line's
+        groups do not compose (the same failure as the whole command line's, which Hydra reports)."""
+        base = self._compose([o.input_line for o in self.kept])
+        if base is None or not base[1]:
+            return None if base is None else [base[0]]
+        last = {o.key_or_group: o for o in self._params(base[0]) + self.kept}  # the sweeper's order: later wins
+        sweeps = [o for o in last.values() if o.is_sweep_override() and not keys.is_hydras(o)]
+        found = []
+        for sweep in sweeps:
+            others = [o.input_line for o in self.kept if o.key_or_group != sweep.key_or_group]
+            for value in self._values(sweep):
+                composed = self._compose(others + [f"{sweep.get_key_element()}={value}"])
+                found += [composed[0]] if composed else []  # a job that does not compose fails on its own
+        return found if sweeps else [base[0]]
+
+    def _params(self, cfg: DictConfig) -> list:
+        """The sweeps hydra.sweeper.params of the config (an experiment's) gives, of groups and components."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+        params = keys.plain(params) if OmegaConf.is_dict(params) else {}
         try:
-            return compose(config_name, argparse.Namespace(**{**vars(args), "overrides": kept}))[0]
-        except Exception:  # the same failure as the whole command line's, which Hydra reports
-            return None
+            parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()
+                                                              if not isinstance(v, (dict, list))])
+        except Exception:  # the sweeper reports what it cannot parse
+            return []
+        return [o for o in parsed if self._shapes(o)]
 
-    def components(section: str) -> set[str] | None:
-        if config() is None:
-            return None
-        target = OmegaConf.select(config(), f"{section}._target_", default=None)
-        return ({target} if isinstance(target, str) else set()) | keys.picks(known, overrides, section)
+    def _values(self, sweep) -> list[str]:
+        """The values of a sweep, as override text (glob(...) over the group's options); none for an interval."""
+        if isinstance(sweep.value(), Glob):
+            options = list(self.known.repo.get_group_options(sweep.key_or_group, ObjectType.CONFIG))
+            return sweep.value().filter(options)
+        return list(sweep.sweep_string_iterator()) if sweep.is_discrete_sweep() else []
 
-    return components
+    def _compose(self, overrides: list[str]) -> tuple[DictConfig, bool] | None:
+        import argparse
+
+        try:
+            return compose(self.config_name, argparse.Namespace(**{**vars(self.args), "overrides": overrides}))
+        except Exception:
+            return None
 
 
 def known_names(config_name: str, args) -> keys.Known:
@@ -220,17 +287,6 @@ def parse(argv: list[str]):
     for override in args.overrides:
         flags.remove(override)
     return args, flags + args.overrides
-
-
-def search_path(args):
-    """Hydra's config search path for the command line's --config-path and --config-dir."""
-    from hydra._internal.utils import create_config_search_path
-
-    config_path = os.path.abspath(args.config_path) if args.config_path else str(CONF_DIR)
-    found = create_config_search_path(f"file://{config_path}")
-    if args.config_dir is not None:
-        found.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}")
-    return found
 
 
 def compose(config_name: str, args) -> tuple[DictConfig, bool]:

@@ -6,7 +6,8 @@ primary config or some option of some group has it, at the option's package (`+r
 from regularizer/max_norm.yaml), or when its section is a component that takes it as an argument
 (`+optimizer.amsgrad=true`: torch.optim.Adam's), or when it is one of Hydra's instantiation settings in a component
 section (`_args_`, ...: the target checks decide those). The hydra node is Hydra's own (check_hydra checks what Hydra
-builds from it), and so are the hydra/ groups.
+builds from it), and so are the hydra/ groups. A key that only options of its group that no job takes have is
+refused too (`transfer.reuse_layers=2` with transfer=none: Hydra would advise its +, and the run would ignore it).
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from collections import defaultdict
 
 from hydra.core.default_element import ConfigDefault
 from hydra.core.object_type import ObjectType
-from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
+from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, OverrideType
 from omegaconf import OmegaConf
 
 from dnnlab import components, conf_dirs
 from dnnlab.errors import DnnlabError
 
 HELP = "(--help lists every group and key)"
+# Groups whose options a list picks together (regularizer=[l2,dropout]): a key of an option not picked adds that
+# regularizer (+regularizer.max_norm=1.0), where the other groups' options are alternatives.
+COMBINED = frozenset({"regularizer"})
 
 
 class Known:
@@ -32,7 +36,7 @@ class Known:
     is _global_, an experiment's, may set keys of any section)."""
 
     def __init__(self, repo, config_name: str):
-        self.repo, self.tree, self.loaded = repo, {}, set()
+        self.repo, self.tree, self.loaded, self._options = repo, {}, set(), {}
         self.components: dict[str, list] = defaultdict(list)  # section -> (target, its keys) of each option
         self._add_primary(config_name)
 
@@ -63,14 +67,29 @@ class Known:
             return
         self.loaded.add(group)
         for option in self.repo.get_group_options(group, ObjectType.CONFIG):
-            result = self.repo.load_config(f"{group}/{option}")
-            package = package_path(group, (result.header or {}).get("package"))
+            package, data = self.option(group, option)
             node = self.tree
             for part in package.split(".") if package else []:
                 node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
-            self._merge(node, plain(result.config), package)
+            self._merge(node, data, package)
         for sub in self.groups(group):
             self.load(sub)
+
+    def option(self, group: str, name: str) -> tuple[str, dict]:
+        """The package of the option `group/name` and its settings ("" and {} where it does not load)."""
+        if (group, name) not in self._options:
+            result = self.repo.load_config(f"{group}/{name}") if self.repo.config_exists(f"{group}/{name}") else None
+            data = plain(result.config) if result is not None else {}
+            package = package_path(group, (result.header or {}).get("package")) if result is not None else ""
+            self._options[group, name] = package, data if isinstance(data, dict) else {}
+        return self._options[group, name]
+
+    def holds(self, group: str, name: str, key: str) -> bool:
+        """Whether the option `group/name` sets `key` (a full path: transfer.reuse_layers)."""
+        package, data = self.option(group, name)
+        if package and not key.startswith(package + "."):
+            return False
+        return holds(data, key[len(package) + 1:] if package else key)
 
     def _merge(self, into: dict, data, path: str) -> None:
         if not isinstance(data, dict):
@@ -123,6 +142,39 @@ class Known:
             node, done = node[part], done + [part]
         return None
 
+    def elsewhere(self, key: str, jobs) -> tuple[str, list[str], list[str]] | None:
+        """Where `key` is only a setting of options of its group that no job takes (diagnostics.every with
+        diagnostics=none): the group, those options and the ones the jobs take. None where some job's config has
+        the key, the group's options combine (COMBINED), or the key is a setting of the jobs' components.
+        `jobs`: hydra_guard.Jobs."""
+        group, _, rest = key.partition(".")
+        if not rest or group in COMBINED or not self.repo.group_exists(group):
+            return None
+        options = list(self.repo.get_group_options(group, ObjectType.CONFIG))
+        having = [o for o in options if self.holds(group, o, key)]
+        if not having or len(having) == len(options):
+            return None
+        if group in self.components:  # an argument the component takes, though no option of it sets it
+            takes = arguments(jobs.components(group) or set())
+            if takes is None or rest.split(".")[0] in takes:
+                return None
+        picked = jobs.picks(group)
+        if picked is not None and set(picked) & set(having):  # the command line's own pick: no composing
+            return None
+        found = jobs.taken(group, key)
+        if found is None or found[1] or found[0] & set(having):
+            return None
+        return group, having, sorted(found[0])
+
+
+def holds(data, path: str) -> bool:
+    """Whether the nested dicts `data` have the dotted `path`."""
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
 
 def arguments(targets: set[str]) -> set[str] | None:
     """The settings that every one of these components takes; None: any (one that takes **kwargs, or one that is
@@ -159,8 +211,11 @@ def settings(target: str) -> frozenset[str] | None:
                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty)
 
 
-def option_names(value) -> list[str]:
-    """The options (or targets) an override picks: `a`, `[a,b]` (several), `a,b` or `choice(a,b)` (a sweep)."""
+def option_names(value, options: list[str] = ()) -> list[str]:
+    """The options (or targets) an override picks: `a`, `[a,b]` (several), `a,b` or `choice(a,b)` (a sweep), or
+    those of `options` (the group's) that `glob(...)` matches."""
+    if isinstance(value, Glob):
+        return value.filter(list(options))
     values = value.list if isinstance(value, ChoiceSweep) else [value]
     flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
     return [v for v in flat if isinstance(v, str)]
@@ -188,36 +243,46 @@ def check_groups(known: Known, overrides: list[Override]) -> None:
                                   f"{', '.join(listed)}")
 
 
-def check_keys(known: Known, overrides: list[Override], kinds: tuple[OverrideType, ...], components) -> None:
-    """Every key the overrides of these kinds name is known: an unknown one is refused with the nearest name.
-    `components(section)`: the targets a component section will have in the command's jobs."""
+def check_keys(known: Known, overrides: list[Override], kinds: tuple[OverrideType, ...], jobs) -> None:
+    """Every key the overrides of these kinds name is known, and set by an option some job takes: an unknown one
+    is refused with the nearest name, one of an option no job takes with that option. `jobs`: the components and
+    options of the command's jobs (hydra_guard.Jobs)."""
     for o in overrides:
         if o.type not in kinds or is_hydras(o) or known.repo.group_exists(o.key_or_group):
             continue
         key = o.key_or_group
         known.load(key.split(".")[0])
-        missing = known.unknown(key, components)
+        missing = known.unknown(key, jobs.components)
         if missing:
             for group in known.groups():  # an option with a _global_ package may set any key
                 known.load(group)
-            missing = known.unknown(key, components)
+            missing = known.unknown(key, jobs.components)
         if missing:
             raise refusal(key, *missing)
+        unchosen = known.elsewhere(key, jobs)
+        if unchosen:
+            raise not_chosen(o.input_line.lstrip("+~"), *unchosen)
 
 
-def picks(known: Known, overrides: list[Override], section: str) -> set[str]:
-    """The components the command line names for `section`: `section._target_=...`, and the options a sweep or a
-    group override picks (a multirun's composed config has none of its sweeps)."""
-    found: set[str] = set()
-    for o in overrides:
-        if o.key_or_group == f"{section}._target_" and not o.is_delete():
-            found |= set(option_names(o.value()))
-        elif o.key_or_group == section and known.repo.group_exists(section):
-            for name in option_names(o.value()):
-                result = known.repo.load_config(f"{section}/{name}")
-                target = plain(result.config).get("_target_") if result else None
-                found |= {target} if isinstance(target, str) else set()
-    return found
+def picks(known: Known, overrides: list[Override], key: str) -> list[str] | None:
+    """The options (or targets) the last override of `key` (a group, or a section's _target_) picks, in all the
+    jobs of a sweep (`a,b`, `glob(*)`); None where no override sets it (or the last deletes it). The last one,
+    as Hydra's sweeper and Hydra's composition take it."""
+    last = [o for o in overrides if o.key_or_group == key and not is_hydras(o)][-1:]
+    if not last or last[0].is_delete():
+        return None
+    options = known.repo.get_group_options(key, ObjectType.CONFIG) if known.repo.group_exists(key) else []
+    return option_names(last[0].value(), options)
+
+
+def not_chosen(override: str, group: str, having: list[str], taken: list[str]) -> DnnlabError:
+    """One line: the options that have the key, the ones this command line takes, the option to add."""
+    options = " or ".join(f"{group}={o}" for o in having)
+    if len(taken) > 1:  # a sweep
+        has = f"its jobs have {' or '.join(f'{group}={t}' for t in taken)}"
+    else:
+        has = f"this run has {group}={taken[0]}" if taken else f"this run has no {group}"
+    return DnnlabError(f"{override} is a setting of {options} ({has}): add {options}")
 
 
 def refusal(key: str, wrong: str, names: list[str], targets: set[str]) -> DnnlabError:

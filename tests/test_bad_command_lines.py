@@ -127,6 +127,13 @@ CASES = [  # (command line, with {run} a finished run, {text} a text file, {fold
      "'optimizer.amsgrad' is not a setting of torch.optim.SGD ("),
     ('train activation._target_=torch.nn.Hardswish +activation.negative_slope=1',
      "'activation.negative_slope' is not a setting of torch.nn.Hardswish"),
+    # a key only an option the run does not take has: Hydra would advise its +, and the run would ignore it
+    ('train diagnostics.every=5',
+     "diagnostics.every=5 is a setting of diagnostics=on (this run has diagnostics=none): add diagnostics=on"),
+    ('train +transfer.reuse_layers=2',
+     "transfer.reuse_layers=2 is a setting of transfer=reuse (this run has transfer=none): add transfer=reuse"),
+    ('pretrain +pretrain.head_units=5', "pretrain.head_units=5 is a setting of pretrain=same_digit (this run has "
+                                        "pretrain=autoencoder): add pretrain=same_digit"),
     ('train +lr_find.max_lr=1', "unknown key 'lr_find.max_lr'"),
     ('train -m --cfg job', "only one of --run, --multirun, --cfg, --info and --shell-completion at a time"),
     ('train --cfg job +trainer.epoch=3', "unknown key 'trainer.epoch': did you mean trainer.epochs?"),

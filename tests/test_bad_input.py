@@ -325,11 +325,41 @@ def test_an_override_that_does_not_parse_is_named(override, expected):
     ["-m", "hydra/launcher=joblib", "++hydra.launcher.pre_dispatch=4", "+hydra.job.env_set.X=1", "optimizer=adam,sgd"],
     ["-m", "optimizer=sgd,no_such_optimizer"],  # a sweep's option: that job fails on its own, the others run
     ["--cfg", "job", "++trainer.epochs=3", "~trainer.early_stopping"],
+    # a sweep's components only, not the group's default (Adam) that no job has; glob(...) over the options
+    ["-m", "optimizer=sgd,momentum", "+optimizer.dampening=0.1"],
+    ["-m", "optimizer=glob(sgd)", "+optimizer.nesterov=true"],
+    ["-m", "activation._target_=torch.nn.Hardshrink,torch.nn.Softshrink", "+activation.lambd=0.3"],
+    # a key of the option the run takes: on the command line, from a preset, in some job of a sweep
+    ["transfer=reuse", "transfer.reuse_layers=2"],
+    ["experiment=transfer_5_9", "transfer.source=X", "transfer.reuse_layers=4"],
+    ["-m", "diagnostics=none,on", "+diagnostics.every=5"],
+    ["-m", "experiment=mnist_0_4,transfer_5_9", "+transfer.reuse_layers=4"],
 ])
 def test_legitimate_additions_pass_the_key_check(argv):
     from dnnlab.hydra_guard import check_command_line
 
     check_command_line("train", argv)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["diagnostics.every=5"],  # Hydra: "To append to your config use +diagnostics.every=5", then ignored
+     "diagnostics.every=5 is a setting of diagnostics=on (this run has diagnostics=none): add diagnostics=on"),
+    (["+transfer.reuse_layers=2"],
+     "transfer.reuse_layers=2 is a setting of transfer=reuse (this run has transfer=none): add transfer=reuse"),
+    (["norm=layernorm", "++norm.momentum=0.1"], "norm.momentum=0.1 is a setting of norm=batchnorm or "
+                                                "norm=input_batchnorm (this run has norm=layernorm): add norm="),
+    (["-m", "experiment=mnist_0_4,transfer_5_9", "transfer=none", "+transfer.freeze=false"],  # the line's pick wins
+     "transfer.freeze=false is a setting of transfer=reuse (this run has transfer=none)"),
+    (["-m", "diagnostics=none,none", "+diagnostics.every=5"], "(this run has diagnostics=none)"),
+    (["-m", "optimizer=glob(*mentum)", "+optimizer.amsgrad=true"],  # momentum: SGD, not the default's Adam
+     "'optimizer.amsgrad' is not a setting of torch.optim.SGD"),
+])
+def test_a_key_no_job_takes_is_refused(argv, expected):
+    from dnnlab.hydra_guard import check_command_line
+
+    with pytest.raises(DnnlabError) as info:
+        check_command_line("train", argv)
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_every_command_line_of_the_readme_and_the_presets_passes_the_key_check():
