@@ -49,37 +49,36 @@ def identity(path: Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def test_installs_at_other_paths_share_one_build_that_none_of_them_redoes(tmp_path):
-    """Two checkouts: the first builds; the second, and the first again, load that library as it is (same file,
-    same inode: no ninja run replaced it), and no build files were left in the shared folder."""
-    cache = tmp_path / "cache"
-    a, b = install(tmp_path / "a"), install(tmp_path / "b")
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> SimpleNamespace:
+    """Two checkouts (the same text at other paths, the second's source file newer) and one extension cache, in
+    which the first has built the library."""
+    tmp = tmp_path_factory.mktemp("installs")
+    cache, a, b = tmp / "cache", install(tmp / "a"), install(tmp / "b")
     os.utime(b / "dnnlab" / "csrc" / "mlp_step.cpp")  # a newer source file with the same text: no rebuild either
     first = probe(a, cache)
-    assert first.why == "ready" and first.built and first.folder.parent == cache
-    library = first.folder / native.LIBRARY
-    built = identity(library)
-    for root in (b, a):
-        again = probe(root, cache)
+    return SimpleNamespace(cache=cache, a=a, b=b, first=first, library=first.folder / native.LIBRARY)
+
+
+def test_installs_at_other_paths_share_one_build_that_none_of_them_redoes(built):
+    """The second checkout, and the first again, load that library as it is (same file, same inode: no ninja run
+    replaced it), and no build files were left in the shared folder."""
+    first = built.first
+    assert first.why == "ready" and first.built and first.folder.parent == built.cache
+    library = identity(built.library)
+    for root in (built.b, built.a):
+        again = probe(root, built.cache)
         assert again.why == "ready" and not again.built and again.folder == first.folder
-        assert identity(library) == built
+        assert identity(built.library) == library
     assert sorted(p.name for p in first.folder.iterdir()) == ["build.lock", native.LIBRARY]
-    # a library that cannot be loaded (a disk error, a half-copied cache) is built again, once: the next install
-    # loads the new file
-    library.write_bytes(b"not a shared library")
-    rebuilt = probe(b, cache)
-    assert rebuilt.why == "ready" and rebuilt.built and identity(library) != built
-    assert probe(a, cache).built is False
 
 
-def test_a_lock_left_by_a_killed_build_holds_up_no_build(tmp_path, monkeypatch):
-    """A build killed with SIGKILL while holding the build lock, leaving its private folder with torch's lock file in
-    it (a file that torch's FileBaton would wait on for ever): the next build goes ahead and clears that folder."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
-    folder = native.build_directory()  # this checkout's, under the test's cache
-    folder.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+def test_a_broken_library_is_built_again_once_past_a_lock_left_by_a_killed_build(built):
+    """A library that cannot be loaded (a disk error, a half-copied cache) is built again, once, although a build was
+    killed with SIGKILL while holding the build lock and left its private folder with torch's lock file in it (a file
+    that torch's FileBaton would wait on for ever); the next install loads the new library without building."""
+    folder = built.first.folder
+    env = {**os.environ, "PYTHONPATH": str(built.a), "TORCH_EXTENSIONS_DIR": str(built.cache)}
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -93,6 +92,9 @@ def test_a_lock_left_by_a_killed_build_holds_up_no_build(tmp_path, monkeypatch):
     left.mkdir()
     (left / "lock").touch()
     (left / "mlp_step.o").write_bytes(b"half an object file")
-    done = probe(PACKAGE.parent, cache)
-    assert done.why == "ready" and done.built and done.folder == folder
-    assert (folder / native.LIBRARY).is_file() and not left.exists()
+    before = identity(built.library)
+    built.library.write_bytes(b"not a shared library")
+    rebuilt = probe(built.b, built.cache)
+    assert rebuilt.why == "ready" and rebuilt.built and rebuilt.folder == folder
+    assert identity(built.library) != before and not left.exists()
+    assert probe(built.a, built.cache).built is False

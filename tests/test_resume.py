@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,10 +157,18 @@ def files(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("junk", [b"", b"root:x:0:0:root:/root:/bin/bash\n", b"PK\x03\x04 not a zip"])
-def test_resuming_from_a_file_that_is_not_a_checkpoint_is_one_line_and_keeps_the_run(data_root, tmp_path, junk):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_epoch_run(data_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
     assert run(data_root, run_dir, extra=["trainer.epochs=1"]).returncode == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("junk", [b"", b"root:x:0:0:root:/root:/bin/bash\n", b"PK\x03\x04 not a zip"])
+def test_resuming_from_a_file_that_is_not_a_checkpoint_is_one_line_and_keeps_the_run(data_root, one_epoch_run,
+                                                                                       tmp_path, junk):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run_dir)
     (run_dir / "checkpoints" / "last.pt").write_bytes(junk)  # a damaged or replaced last.pt
     before = files(run_dir)
     done = run(data_root, run_dir, extra=["trainer.epochs=1"])
