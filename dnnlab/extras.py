@@ -6,13 +6,12 @@ import re
 
 from dnnlab.errors import DnnlabError
 
+SUBMITIT = (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm")
 # Hydra option (group/name): (the modules it imports, dnnlab's extra that installs them)
 OPTIONS = {
     "hydra/sweeper/optuna": (("optuna",), "optuna"),
     "hydra/launcher/joblib": (("hydra_plugins.hydra_joblib_launcher", "joblib"), "joblib"),
-    "hydra/launcher/slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
-    "hydra/launcher/submitit_slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
-    "hydra/launcher/submitit_local": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+    **{f"hydra/launcher/{name}": SUBMITIT for name in ("slurm", "submitit_slurm", "submitit_local")},
 }
 
 

@@ -292,8 +292,9 @@ def update_differs() -> str:
     version may change."""
     # One thread: both updates work element by element, so the count changes no number (test_native), while on a
     # busy machine waking a second thread costs 20 times the check itself.
-    if available():
-        return f"the C++ step is not available ({available()})"
+    why = available()
+    if why:
+        return f"the C++ step is not available ({why})"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
