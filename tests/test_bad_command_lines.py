@@ -1,20 +1,14 @@
 """The catalogue of bad command lines, across every command and the sweeper's and launchers' keys: each one is
 refused with exit 2 and one line (`error: ...` naming the key or file, the value and what is allowed), without a
 traceback, before anything is trained, and leaves every file as it was: no run folder appears and a finished run
-given to it is untouched. Each runs the real command line (dnnlab.cli.main) in a process of its own, forked from
-a server that imported dnnlab once (multiprocessing's forkserver): the same code as `python -m dnnlab ...`,
-without paying the import of torch and Hydra 150 times."""
+given to it is untouched. Each runs the real command line in a process of its own (tests/forked.py)."""
 from __future__ import annotations
 
-import multiprocessing
 import os
-import subprocess
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
-from tests.conftest import HANG_S
+from tests.forked import dnnlab
 
 HYDRA_COMMANDS = ("train", "pretrain", "diagnose", "lr-find")
 # for the Hydra commands, before the case's own overrides (a later override wins): quiet, small, on the tiny data
@@ -251,9 +245,8 @@ def snapshot(*folders: Path) -> dict:
 def finished_run(data_root, tmp_path_factory) -> Path:
     """A run that finished (checkpoints, summary), to give eval, prune, latency, report and transfer."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *BASE, "model.n_hidden=2", "model.n_neurons=8",
-                           f"hydra.run.dir={run}"], env={**os.environ, "DNNLAB_DATA": str(data_root)},
-                          cwd=run.parent, capture_output=True, text=True, timeout=HANG_S)
+    done = dnnlab("train", *BASE, "model.n_hidden=2", "model.n_neurons=8", f"hydra.run.dir={run}",
+                  cwd=run.parent, env={**os.environ, "DNNLAB_DATA": str(data_root)})
     assert done.returncode == 0, done.stderr
     return run
 
@@ -269,52 +262,8 @@ def places(tmp_path, finished_run) -> dict[str, str]:
             "dangling": str(given / "gone.pt")}
 
 
-def command_line(args: list[str], cwd: str, data_root: str, out: str, err: str) -> None:
-    """In the forked process: `dnnlab ARGS` in `cwd`, its stdout and stderr into files; exits with its status."""
-    os.chdir(cwd)
-    os.environ["DNNLAB_DATA"] = data_root
-    for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
-    sys.stdin = open(os.devnull)
-    sys.argv = ["dnnlab", *args]
-    code = 0
-    try:
-        from dnnlab.cli import main
-
-        main()
-    except SystemExit as e:  # as the interpreter treats it at exit
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else (e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dnnlab.cli", "dnnlab.train", "dnnlab.hydra_guard", "hydra", "torch"])
-    return context
-
-
-def run(forkserver, args: list[str], cwd: Path, data_root: Path) -> subprocess.CompletedProcess:
-    out, err = cwd.parent / "stdout", cwd.parent / "stderr"
-    process = forkserver.Process(target=command_line, args=(args, str(cwd), str(data_root), str(out), str(err)))
-    process.start()
-    process.join(HANG_S)
-    if process.is_alive():
-        process.kill()
-        pytest.fail(f"dnnlab {' '.join(args)} still ran after {HANG_S} s")
-    return subprocess.CompletedProcess(args, process.exitcode, out.read_text(), err.read_text())
-
-
 @pytest.mark.parametrize("line,expected", CASES, ids=[c[0] for c in CASES])
-def test_a_bad_command_line_is_one_line_and_changes_nothing(forkserver, data_root, tmp_path, places, line, expected):
+def test_a_bad_command_line_is_one_line_and_changes_nothing(data_root, tmp_path, places, line, expected):
     args = line.format(**places).split()
     if args[0] in HYDRA_COMMANDS:
         args = [args[0], *BASE, *args[1:]]
@@ -322,7 +271,7 @@ def test_a_bad_command_line_is_one_line_and_changes_nothing(forkserver, data_roo
     workdir.mkdir()
     watched = workdir, tmp_path / "given", Path(places["run"])
     before = snapshot(*watched)
-    done = run(forkserver, args, workdir, data_root)
+    done = dnnlab(*args, cwd=workdir, env={**os.environ, "DNNLAB_DATA": str(data_root)})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]

@@ -14,6 +14,7 @@ import torch
 from dnnlab.errors import DnnlabError
 from dnnlab.train import train
 from tests.conftest import HANG_S, write_dataset
+from tests.forked import dnnlab
 from tests.test_data import damage
 
 CATALOGUE = [  # (overrides, what the line must contain)
@@ -193,9 +194,8 @@ def test_an_unwritable_run_directory_is_one_line(make_cfg, tmp_path):
     (["hydra.run.dir=/etc/passwd/run"], "/etc/passwd is not a folder"),
 ])
 def test_command_line_errors_exit_2_with_one_line(data_root, tmp_path, args, expected):
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", *args, "trainer.progress=false"],
-                          cwd=tmp_path, env={**os.environ, "DNNLAB_DATA": str(data_root)}, capture_output=True,
-                          text=True, timeout=HANG_S)
+    done = dnnlab("train", *args, "trainer.progress=false", cwd=tmp_path,
+                  env={**os.environ, "DNNLAB_DATA": str(data_root)})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr

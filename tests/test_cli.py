@@ -1,6 +1,8 @@
 """The installed command, run as a user runs it: `python -m dnnlab ...` and the `dnnlab` console script.
 
-Every test starts a subprocess in tmp_path with $DNNLAB_DATA at the tiny datasets of conftest.py.
+Every test runs the command in a process of its own in tmp_path, with $DNNLAB_DATA at the tiny datasets of
+conftest.py: forked from a server that imported dnnlab (tests/forked.py), or started as `python -m dnnlab` and as
+the console script where the test is about those.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from omegaconf import OmegaConf
 
 from dnnlab import CONF_DIR
 from dnnlab.record import COLUMNS
+from tests import forked
 from tests.conftest import HANG_S
 
 SCRIPT = Path(sys.executable).parent / "dnnlab"  # the console script pip installed beside this interpreter
@@ -37,7 +40,9 @@ def dnnlab(data_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "DNNLAB_ALLOWED_TARGETS")}
     env["DNNLAB_DATA"] = str(data_root)
 
-    def run(*args: str, launcher: str = "module") -> subprocess.CompletedProcess:
+    def run(*args: str, launcher: str = "forked") -> subprocess.CompletedProcess:
+        if launcher == "forked":
+            return forked.dnnlab(*args, cwd=tmp_path, env=env)
         return subprocess.run(LAUNCHERS[launcher] + list(args), cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=HANG_S)
 
@@ -59,15 +64,15 @@ def test_no_arguments_print_the_command_list(dnnlab, launcher):
 
 
 def test_unknown_command_fails_with_the_command_list(dnnlab):
-    result = dnnlab("frobnicate", launcher="script")
+    result = dnnlab("frobnicate")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown command 'frobnicate': one of train, pretrain" in lines[0]
-    assert "did you mean train?" in dnnlab("trian", launcher="script").stderr
+    assert "did you mean train?" in dnnlab("trian").stderr
 
 
 def test_train_help_lists_every_group_and_option(dnnlab):
-    result = dnnlab("train", "--help")  # via python -m, whose sys.argv[0] is .../dnnlab/__main__.py
+    result = dnnlab("train", "--help", launcher="module")  # sys.argv[0] is .../dnnlab/__main__.py
     assert result.returncode == 0, result.stderr
     out = result.stdout
     lines = out.splitlines()
@@ -93,7 +98,7 @@ def test_each_apps_help_lists_the_groups_it_takes(dnnlab):
 def test_a_misspelt_key_is_refused_not_added(dnnlab, tmp_path):
     """Hydra would add +trainer.epoch=3 (and advised that + for trainer.epoch=3): a run with the default epochs."""
     for override in ("trainer.epoch=3", "+trainer.epoch=3"):
-        result = dnnlab("train", "debug=smoke", override, f"hydra.run.dir={tmp_path / 'run'}", launcher="script")
+        result = dnnlab("train", "debug=smoke", override, f"hydra.run.dir={tmp_path / 'run'}")
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == ["error: unknown key 'trainer.epoch': did you mean "
                                                       "trainer.epochs? (--help lists every group and key)"]
@@ -105,7 +110,7 @@ def test_a_misspelt_key_is_refused_not_added(dnnlab, tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config_without_running(dnnlab, tmp_path):
-    result = dnnlab("train", "--cfg", "job", "optimizer=nadam", "schedule=1cycle", launcher="script")
+    result = dnnlab("train", "--cfg", "job", "optimizer=nadam", "schedule=1cycle")
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
     assert cfg.optimizer._target_ == "torch.optim.NAdam"
@@ -155,8 +160,7 @@ def test_multirun_sweeps_one_job_per_value(dnnlab, tmp_path):
 ])
 def test_bad_value_is_one_line_on_stderr_and_exit_2(dnnlab, tmp_path, override, key):
     run_dir = tmp_path / "run"
-    result = dnnlab("train", "debug=smoke", "data.val_size=100", override, f"hydra.run.dir={run_dir}",
-                    launcher="script")
+    result = dnnlab("train", "debug=smoke", "data.val_size=100", override, f"hydra.run.dir={run_dir}")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
@@ -196,7 +200,7 @@ def test_unknown_option_lists_the_valid_ones(dnnlab):
 
 
 def test_data_prints_the_folder(dnnlab, data_root):
-    result = dnnlab("data", "mnist", launcher="script")
+    result = dnnlab("data", "mnist")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"mnist: {data_root / 'MNIST' / 'raw'}"
     result = dnnlab("data", "fashion_mnist", "emnist")  # the first is found, the second is not a dataset
@@ -208,7 +212,7 @@ def test_data_prints_the_folder(dnnlab, data_root):
 
 def test_diagnose_and_lr_find_run_as_commands(dnnlab, tmp_path):
     result = dnnlab("diagnose", "diagnose.steps=8", "diagnose.every=4", "diagnose.probe_size=64",
-                    "data.val_size=100", f"hydra.run.dir={tmp_path / 'diag'}", launcher="script")
+                    "data.val_size=100", f"hydra.run.dir={tmp_path / 'diag'}")
     assert result.returncode == 0, result.stderr
     for name in ("activations.png", "gradients.png", "profile.png", "steps.png", "profile.csv", "diagnose.json"):
         assert (tmp_path / "diag" / name).is_file(), name

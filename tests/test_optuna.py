@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from dnnlab.trial import open_storage, reported_metric
 from hydra_plugins.dnnlab_optuna_sweeper import _space
+from tests import forked
 from tests.conftest import HANG_S
 
 SWEEPER = ["hydra/sweeper=optuna"]
@@ -45,8 +46,7 @@ def sweep(data_root, tmp_path):
                 f"trainer.epochs={epochs}", f"hydra.sweep.dir={sweep_dir}", *overrides]
 
     def run(*overrides: str, epochs: int = 2, sweeper: bool = True, check: bool = True):
-        result = subprocess.run(command(*overrides, epochs=epochs, sweeper=sweeper), cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=HANG_S)
+        result = forked.dnnlab(*command(*overrides, epochs=epochs, sweeper=sweeper)[3:], cwd=tmp_path, env=env)
         if check:
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.pretrain import PairSampler, pretrain
 from dnnlab.train import train
-from tests.conftest import HANG_S
+from tests import forked
 
 
 @pytest.fixture
@@ -83,13 +81,10 @@ def test_pretrained_layers_are_reused_with_few_labels(pre_cfg, make_cfg, tmp_pat
 
 def test_dnnlab_pretrain_command(data_root, tmp_path):
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "pretrain", "pretrain=same_digit", "pretrain.epochs=1",
-                           "data.val_size=100", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
+    done = forked.dnnlab("pretrain", "pretrain=same_digit", "pretrain.epochs=1", "data.val_size=100",
+                         "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"]["kind"] == "same_digit"
-    bad = subprocess.run([sys.executable, "-m", "dnnlab", "pretrain", "pretrain.epochs=0",
-                          f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=HANG_S)
+    bad = forked.dnnlab("pretrain", "pretrain.epochs=0", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "pretrain.epochs=0" in bad.stderr and "Traceback" not in bad.stderr

@@ -28,6 +28,7 @@ from dnnlab import report as report_module
 from dnnlab.record import COLUMNS, read_metrics
 from dnnlab.report import MAX_LEGEND, main, report
 from dnnlab.train import train
+from tests import forked
 from tests.conftest import HANG_S
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,10 +41,9 @@ def sweep(data_root, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sweep")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["DNNLAB_DATA"] = str(data_root)
-    result = subprocess.run(
-        [sys.executable, "-m", "dnnlab", "train", "-m", "optimizer=sgd,adam", "optimizer.lr=0.001,0.0001",
-         "model.n_hidden=1", "data.val_size=100", "trainer.epochs=2", "trainer.progress=false",
-         f"hydra.sweep.dir={folder / 'S'}"], cwd=folder, env=env, capture_output=True, text=True, timeout=HANG_S)
+    result = forked.dnnlab("train", "-m", "optimizer=sgd,adam", "optimizer.lr=0.001,0.0001", "model.n_hidden=1",
+                           "data.val_size=100", "trainer.epochs=2", "trainer.progress=false",
+                           f"hydra.sweep.dir={folder / 'S'}", cwd=folder, env=env)
     assert result.returncode == 0, result.stderr
     return folder / "S"
 
@@ -384,8 +384,7 @@ def test_no_runs_is_one_line_and_exit_2(tmp_path, capsys, make):
 
 
 def test_the_command_line_error_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dnnlab", "report", str(tmp_path / "nope")], capture_output=True,
-                            text=True, timeout=HANG_S)
+    result = forked.dnnlab("report", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist" and "Traceback" not in result.stderr
 
@@ -463,9 +462,7 @@ def test_a_report_piped_to_a_file_keeps_its_rows_whole(wide_sweep, tmp_path, col
     COLUMNS says otherwise."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
     env.update({"COLUMNS": columns} if columns else {})
-    result = subprocess.run([sys.executable, "-m", "dnnlab", "report", str(wide_sweep), "--out", str(tmp_path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, timeout=HANG_S)
+    result = forked.dnnlab("report", str(wide_sweep), "--out", str(tmp_path), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     if columns:

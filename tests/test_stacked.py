@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from dnnlab.optim import build_optimizer, span
 from dnnlab.record import LearningCurves, read_scalars
 from dnnlab.stacked import job_major, plan, train_group, why_not
 from dnnlab.train import evaluate, train
+from tests import forked
 from tests.conftest import HANG_S
 
 # Every per-job setting a stack must keep apart. Each job differs from the default network in these overrides.
@@ -196,9 +196,8 @@ def test_plan_stacks_compatible_jobs_and_runs_the_others_alone(make_cfg):
 def sweep(data_root, out: Path, *args, timeout=HANG_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "dnnlab", "train", "-m", *args, "data.val_size=100",
-                           "trainer.epochs=2", "trainer.progress=false", f"hydra.sweep.dir={out}"],
-                          cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    return forked.dnnlab("train", "-m", *args, "data.val_size=100", "trainer.epochs=2", "trainer.progress=false",
+                         f"hydra.sweep.dir={out}", cwd=out.parent, env=env, timeout=timeout)
 
 
 NORMAL_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "metrics.csv",
@@ -264,8 +263,7 @@ def test_stacked_launcher_takes_the_configs_the_sweeper_composed():
 
 
 def test_stacked_launcher_config_composes(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "hydra/launcher=stacked", "--cfg", "hydra"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
+    done = forked.dnnlab("train", "hydra/launcher=stacked", "--cfg", "hydra", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "StackedLauncher" in done.stdout and "max_group: null" in done.stdout
 

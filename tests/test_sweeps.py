@@ -5,12 +5,12 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dnnlab import CONF_DIR
+from tests import forked
 from tests.conftest import HANG_S
 
 QUICK = ["data.val_size=100", "trainer.epochs=2", "trainer.progress=false"]
@@ -20,8 +20,8 @@ def sweep(data_root, tmp_path, *args, timeout=HANG_S) -> tuple[subprocess.Comple
     out = tmp_path / "sweep"
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DNNLAB_DATA": str(data_root)}
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "-m", *args, *QUICK, f"hydra.sweep.dir={out}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    done = forked.dnnlab("train", "-m", *args, *QUICK, f"hydra.sweep.dir={out}", cwd=tmp_path, env=env,
+                         timeout=timeout)
     return done, out
 
 
@@ -108,7 +108,6 @@ def test_submitit_local_launcher(data_root, tmp_path):
 
 
 def test_shipped_slurm_launcher_config_composes(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dnnlab", "train", "hydra/launcher=slurm", "--cfg", "hydra"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
+    done = forked.dnnlab("train", "hydra/launcher=slurm", "--cfg", "hydra", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "SlurmLauncher" in done.stdout and "cpus_per_task: 2" in done.stdout

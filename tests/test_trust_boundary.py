@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.model import build_mlp
-from tests.conftest import HANG_S
+from tests import forked
 
 # nine levels of nine aliases: 9^9 nodes once expanded
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -27,8 +26,7 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 def dnnlab(*args: str, cwd: Path, data_root: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"DNNLAB_DATA": str(data_root)} if data_root else {})}
     env.pop("DNNLAB_ALLOWED_TARGETS", None)
-    return subprocess.run([sys.executable, "-m", "dnnlab", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=HANG_S)
+    return forked.dnnlab(*args, cwd=cwd, env=env)
 
 
 def refused(done: subprocess.CompletedProcess, *expected: str) -> str:
