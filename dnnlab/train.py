@@ -5,11 +5,11 @@ import logging
 import math
 import os
 import signal
-import statistics
 import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -20,6 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import CONF_DIR, checkpoint, hydra_files, memory, native, stored, transfer, validate
+from dnnlab.bookkeeping import (Diverged, EarlyStopping, checkpoint_state, end_epoch, evaluate, steps_per_epoch,
+                                summary_fields)
 from dnnlab.data import Splits, load
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned, bad_value
@@ -31,10 +33,6 @@ from dnnlab.threads import ThreadTuner
 from dnnlab.ui import Progress, error, print_summary
 
 log = logging.getLogger("dnnlab")
-
-
-class Diverged(Exception):
-    pass
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,81 +91,56 @@ def restrict(data: Splits, t: DictConfig) -> None:
             setattr(data, f"y_{split}", getattr(data, f"y_{split}")[:n])
 
 
-@torch.no_grad()
-def evaluate(model, x, y, autocast, chunk: int = 8192) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split, in large chunks, with one device sync at the end."""
-    model.eval()
-    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device, dtype=torch.long)
-    for i in range(0, len(x), chunk):
-        with autocast:
-            logits = model(x[i:i + chunk]).float()
-        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum")
-        correct += (logits.argmax(1) == y[i:i + chunk]).sum()
-    model.train()
-    return loss.item() / len(x), correct.item() / len(x)
-
-
-class EarlyStopping:
-    """Keras' EarlyStopping: stop after `patience` epochs without improvement; remember the best weights."""
-
-    def __init__(self, cfg: DictConfig):
-        self.monitor, self.patience = cfg.monitor, cfg.patience
-        # as Keras: only early stopping restores the best weights; with it off a run ends with its last epoch's
-        self.restores = cfg.monitor is not None and cfg.restore_best_weights
-        self.sign = -1 if self.monitor == "val_acc" else 1  # minimise val_loss, maximise val_acc
-        self.best, self.best_epoch, self.bad_epochs, self.best_state = math.inf, 0, 0, None
-
-    def update(self, row: dict, model) -> bool:
-        """True if this epoch is the best so far (its weights are kept)."""
-        value = self.sign * row[self.monitor or "val_loss"]
-        if value < self.best:
-            self.best, self.best_epoch, self.bad_epochs = value, row["epoch"], 0
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return True
-        self.bad_epochs += 1
-        return False
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "best_state": self.best_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-        self.best_state = state["best_state"]
-
-    @property
-    def should_stop(self) -> bool:
-        return self.monitor is not None and self.bad_epochs > 0 and self.bad_epochs >= self.patience
-
-    @property
-    def final_checkpoint(self) -> str:
-        """The checkpoint of the weights a run ends with (checkpoints/final.pt links to it)."""
-        return "best.pt" if self.restores and self.best_epoch else "last.pt"
-
-    def restore(self, model) -> None:
-        """The best epoch's weights back into `model`, where early stopping restores them."""
-        if self.restores and self.best_state is not None:
-            model.load_state_dict(self.best_state)
-
-
-def epoch_metrics(rows: list[dict], stopper: EarlyStopping) -> dict:
-    """The summary's per-epoch numbers: the best epoch's validation metrics (what early stopping and a sweeper
-    judge) beside the last epoch's (what a Keras fit log ends with), and which epoch's weights were tested."""
-    best = rows[stopper.best_epoch - 1] if stopper.best_epoch else {}
-    last = rows[-1] if rows else {}
-    restored = stopper.restores and stopper.best_epoch
-    return {"best_epoch": stopper.best_epoch or None, "monitor": stopper.monitor,
-            "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
-            **{f"last_{key}": last.get(key) for key in ("val_acc", "val_loss", "train_acc", "train_loss")},
-            "test_epoch": (stopper.best_epoch if restored else len(rows)) or None}
-
-
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the step under way finished. `position` is where the epoch stopped."""
 
     def __init__(self, position: dict):
         super().__init__("interrupted")
         self.position = position
+
+
+def set_rates(optimizer, schedule, step: int) -> float:
+    """The schedule's learning rate (and momentum, for 1cycle) at `step`, into every parameter group."""
+    lr, momentum = schedule.lr(step), schedule.momentum(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if momentum is not None:
+        set_momentum(optimizer, momentum)
+    return lr
+
+
+def choose_step(net, x_all, y_all, loss_sum, correct, optimizer, optimizer_step, rules, autocast, diag,
+                offset: int, plan: native.Plan | None):
+    """The training step, chosen once per epoch: the C++ step, or autograd (with diagnostics' hooks where they are
+    on). Each takes the batch's indices and the phase's step, adds the batch's loss and correct predictions to the
+    sums, leaves the gradients in .grad and returns (the loss, whether it also updated the parameters)."""
+    if plan:  # the C++ step also takes a flat fused update where nothing changes the gradients before it
+        fits = isinstance(optimizer_step, DirectStep) and not rules.change_gradients
+        update = optimizer_step if fits and native.update_in_step() else None  # (where it computes as torch does)
+        native_step = native.NativeStep(plan, x_all, y_all, loss_sum, correct, update)
+        return lambda idx, step: native_step(idx)
+    # the same results with less overhead per step; diagnostics arm forward hooks on the steps they sample
+    forward = net if diag else flat_forward(net) or net
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def autograd_step(idx, step):
+        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
+        if diag:
+            diag.begin(offset + step)
+        with autocast:
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call profiler bookkeeping
+            p.grad = None
+        loss.backward()
+        if diag:
+            diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
+        loss = loss.detach()
+        loss_sum.add_(loss * len(y))
+        correct.add_((logits.argmax(1) == y).sum())
+        return loss, False
+
+    return autograd_step
 
 
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
@@ -191,42 +164,15 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
                     "loss_sum": torch.zeros((), device=device),
                     "correct": torch.zeros((), device=device, dtype=torch.long), "lr": schedule.lr(step)}
     perm, loss_sum, correct, lr = position["perm"], position["loss_sum"], position["correct"], position["lr"]
-    # the same results with less overhead per step; diagnostics arm forward hooks on the steps they sample
-    forward = net if diag else flat_forward(net) or net
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
     first_step = step - position["i"]
     net.train()
     optimizer_step = direct_step(optimizer, tuner)
-    native_step = None
-    if native_plan:  # the C++ step also takes a flat fused update where nothing changes the gradients before it
-        fits = isinstance(optimizer_step, DirectStep) and not rules.change_gradients
-        update = optimizer_step if fits and native.update_in_step() else None  # (where it computes as torch does)
-        native_step = native.NativeStep(native_plan, x_all, y_all, loss_sum, correct, update)
+    take_step = choose_step(net, x_all, y_all, loss_sum, correct, optimizer, optimizer_step, rules, autocast, diag,
+                            offset, native_plan)
     for i in range(position["i"], steps):
-        idx, updated = perm[i * batch_size:(i + 1) * batch_size], False
-        lr, momentum = schedule.lr(step), schedule.momentum(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if momentum is not None:
-            set_momentum(optimizer, momentum)
-        if native_step:  # forward, loss, backward into the parameters' .grad, and the sums, in one C++ call
-            loss, updated = native_step(idx)
-        else:
-            x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
-            if diag:
-                diag.begin(offset + step)
-            with autocast:
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y)
-            for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call profiler bookkeeping
-                p.grad = None
-            loss.backward()
-            if diag:
-                diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
-            loss = loss.detach()
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
+        lr = set_rates(optimizer, schedule, step)
+        loss, updated = take_step(perm[i * batch_size:(i + 1) * batch_size], step)
         if not updated:
             rules.before_step()
             optimizer_step()
@@ -234,8 +180,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
         if diag:
             diag.after_step(offset + step)  # the update includes max-norm's rescaling
         step += 1
-        if check_every_step:  # the native step returns the loss as a float: no tensor to test
-            if not (math.isfinite(loss) if native_step else torch.isfinite(loss_sum)):
+        if check_every_step:
+            if not math.isfinite(loss):
                 raise Diverged(f"step {step}: loss is {float(loss)}")
         else:
             finite += torch.isfinite(loss)
@@ -359,164 +305,213 @@ def native_plan(cfg: DictConfig, net: torch.nn.Module, device: torch.device) -> 
     return native.choose(t.native, net, device, needs_autograd)
 
 
-def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    """Train one configured network; write every output into run_dir; return the summary."""
-    device, data, model = prepare(cfg, parallel_jobs)
-    t = cfg.trainer
-    if t.native is True:  # where it cannot be: refused before anything is written (auto builds only when it trains)
-        native_plan(cfg, model, device)
+@dataclass
+class Run:
+    """One run between its phases and epochs: what it was given, what it keeps, and the current phase's state
+    (what a checkpoint holds)."""
+    cfg: DictConfig
+    run_dir: Path
+    parallel_jobs: int
+    device: torch.device
+    data: Splits
+    model: torch.nn.Module
+    reused: dict | None
+    steps_per_epoch: int
+    autocast: object
+    config_text: str
+    resume: dict | None
+    recorder: Recorder
+    rows: list[dict]
+    generator: torch.Generator
+    diag: Diagnostics | None
+    report: object
+    stopper: EarlyStopping
+    step: int = 0  # the steps of the phases before the current one
+    cache_seconds: float = 0.0
+    phase_log: list[dict] = field(default_factory=list)
+    phase: int = 0
+    phase_step: int = 0
+    phase_epochs: int = 0
+    optimizer: object = None
+    schedule: object = None
+    tuner: ThreadTuner | None = None
+
+    def save(self, name: str, position: dict | None = None) -> None:
+        """Everything needed to continue exactly from here (the end of an epoch, or `position` within one)."""
+        checkpoint.save(self.run_dir / "checkpoints" / name, checkpoint_state(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+            epoch=len(self.rows), step=self.step + self.phase_step, phase=self.phase, phase_step=self.phase_step,
+            phase_epochs=self.phase_epochs, phases=self.phase_log, cache_seconds=self.cache_seconds,
+            stopper=self.stopper, rng=rng_state(self.generator), position=position, config=self.config_text,
+            classes=self.data.classes))
+
+
+def warn_about(cfg: DictConfig) -> None:
+    """Combinations that run but undo what one of their parts is for."""
     if cfg.activation._target_ == "torch.nn.SELU" and cfg.norm.kind in ("batch", "layer"):
         log.warning("SELU normalises itself; norm=%s between its layers breaks that (the book uses neither with the "
                     "other)", OmegaConf.select(cfg, "norm.kind"))
     if cfg.regularizer.get("alpha_dropout") and cfg.activation._target_ != "torch.nn.SELU":
         log.warning("alpha_dropout keeps SELU's self-normalisation; with %s plain dropout is the usual choice",
                     cfg.activation._target_.rsplit(".", 1)[-1])
+
+
+def start(cfg: DictConfig, run_dir: Path, parallel_jobs: int) -> Run:
+    """Everything checked before a file is written, then the run's folder started (or its last checkpoint found)."""
+    device, data, model = prepare(cfg, parallel_jobs)
+    t = cfg.trainer
+    if t.native is True:  # where it cannot be: refused before anything is written (auto builds only when it trains)
+        native_plan(cfg, model, device)
+    warn_about(cfg)
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
              len(data.x_train), len(data.x_val), len(data.x_test))
     reused = transfer.reuse(model, cfg) if cfg.transfer.source else None
-    n, bs = len(data.x_train), t.batch_size
-    steps_per_epoch = math.ceil(n / bs) - (n % bs == 1 and n > 1)  # a lone last example would break BatchNorm
-    stopper = EarlyStopping(t.early_stopping)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     checkpoint.remove_stale_temporaries(run_dir / "checkpoints")  # a killed writer's half-written files
     resume = resume_point(run_dir, t, config_text)
     hydra_files.started(run_dir)
     recorder = Recorder(run_dir, keep_epochs=resume["epoch"] if resume else 0,
                         keep_steps=resume["step"] if resume else None)
-    rows = [{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)]
     write_json(run_dir / "environment.json", environment(device))
-    generator = torch.Generator(device=device).manual_seed(t.seed)
-    diag = Diagnostics(model, cfg.diagnostics, run_dir, recorder.steps_tb, keep_until=resume["step"] if resume else None) \
-        if cfg.diagnostics.enabled else None
+    diag = Diagnostics(model, cfg.diagnostics, run_dir, recorder.steps_tb,
+                       keep_until=resume["step"] if resume else None) if cfg.diagnostics.enabled else None
     report = None
     if cfg.get("trial"):  # an Optuna trial: report every epoch to the study, whose pruner may stop the run
         from dnnlab.trial import reporter
 
         report = reporter(cfg.trial)
-
-    def save(name: str, position: dict | None = None) -> None:
-        """Everything needed to continue exactly from here (the end of an epoch, or `position` within one)."""
-        checkpoint.save(run_dir / "checkpoints" / name, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": len(rows), "step": step + phase_step, "phase": phase, "phase_step": phase_step,
-            "phase_epochs": phase_epochs, "phases": phase_log, "cache_seconds": cache_seconds,
-            "stopper": stopper.state_dict(), "rng": rng_state(generator), "position": position,
-            "config": config_text, "classes": list(data.classes)})
-
-    status, reason, position, tuner = "completed", None, None, None
-    step, cache_seconds, phase_log = 0, 0.0, []
+    run = Run(cfg=cfg, run_dir=run_dir, parallel_jobs=parallel_jobs, device=device, data=data, model=model,
+              reused=reused, steps_per_epoch=steps_per_epoch(len(data.x_train), t.batch_size),
+              autocast=torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext(),
+              config_text=config_text, resume=resume, recorder=recorder,
+              rows=[{**r, "epoch": int(r["epoch"])} for r in read_metrics(recorder.csv_path)],
+              generator=torch.Generator(device=device).manual_seed(t.seed), diag=diag, report=report,
+              stopper=EarlyStopping(t.early_stopping))
     if resume:
-        step, cache_seconds, phase_log = resume["step"] - resume["phase_step"], resume["cache_seconds"], resume["phases"]
-        stopper.load_state_dict(resume["stopper"])
-    plan = phases(cfg)
-    with Progress(sum(p[2] for p in plan), steps_per_epoch, enabled=t.progress) as progress, \
-            stop_on_signals() as stop:
-        for phase, (phase_name, lr0, epochs) in enumerate(plan):
-            resuming = resume is not None and phase == resume["phase"]
-            if resume is not None and phase < resume["phase"]:
-                continue
-            if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
-                if not resuming:
-                    stopper.restore(model)
-                    stopper.bad_epochs = 0
-                phase_log[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
-            if resuming:
-                model.load_state_dict(resume["model"])
-            frozen, net = transfer.split_frozen(model)
-            x_train, x_val = data.x_train, data.x_val
-            if reused and cfg.transfer.cache and len(frozen):  # the frozen layers' outputs, computed once
-                start = time.perf_counter()
-                x_train, x_val = transfer.features(frozen, x_train), transfer.features(frozen, x_val)
-                cache_seconds += time.perf_counter() - start
-            else:
-                net = model
-            train_net = Compiled(net, device) if t.compile else net
-            step_plan = native_plan(cfg, net, device)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = build_optimizer(cfg.optimizer, trainable, device, lr=lr0)
-            if device.type == "cpu" and fusable(optimizer):  # one update call for all (see optim.direct_step)
-                pack_parameters_(trainable)
-            rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
-            tuner = update_tuner(t.threads, parallel_jobs, steps_per_epoch, step_plan)
-            schedule = build_schedule(cfg.schedule, lr0, epochs * steps_per_epoch, steps_per_epoch)
-            if resuming:
-                optimizer.load_state_dict(resume["optimizer"])
-                schedule.load_state_dict(resume["schedule"])
-                set_rng_state(resume["rng"], generator)
-                phase_step, phase_epochs, position = resume["phase_step"], resume["phase_epochs"], resume["position"]
-            else:
-                phase_log.append({"phase": phase_name, "lr": lr0, "first_epoch": len(rows) + 1})
-                phase_step, phase_epochs = 0, 0
+        run.step, run.cache_seconds = resume["step"] - resume["phase_step"], resume["cache_seconds"]
+        run.phase_log = resume["phases"]
+        run.stopper.load_state_dict(resume["stopper"])
+    return run
+
+
+def begin_phase(run: Run, phase: int, name: str, lr0: float, epochs: int):
+    """The phase's network, inputs, optimizer, schedule and step (a resumed phase's as they were saved): (the
+    network it evaluates, the one it trains, its training and validation inputs, the C++ step's plan or None)."""
+    cfg, model, t = run.cfg, run.model, run.cfg.trainer
+    resuming = run.resume is not None and phase == run.resume["phase"]
+    if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
+        if not resuming:
+            run.stopper.restore(model)
+            run.stopper.bad_epochs = 0
+        run.phase_log[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
+    if resuming:
+        model.load_state_dict(run.resume["model"])
+    frozen, net = transfer.split_frozen(model)
+    x_train, x_val = run.data.x_train, run.data.x_val
+    if run.reused and cfg.transfer.cache and len(frozen):  # the frozen layers' outputs, computed once
+        began = time.perf_counter()
+        x_train, x_val = transfer.features(frozen, x_train), transfer.features(frozen, x_val)
+        run.cache_seconds += time.perf_counter() - began
+    else:
+        net = model
+    step_plan = native_plan(cfg, net, run.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run.phase, run.optimizer = phase, build_optimizer(cfg.optimizer, trainable, run.device, lr=lr0)
+    if run.device.type == "cpu" and fusable(run.optimizer):  # one update call for all (see optim.direct_step)
+        pack_parameters_(trainable)
+    run.tuner = update_tuner(t.threads, run.parallel_jobs, run.steps_per_epoch, step_plan)
+    run.schedule = build_schedule(cfg.schedule, lr0, epochs * run.steps_per_epoch, run.steps_per_epoch)
+    if resuming:
+        run.optimizer.load_state_dict(run.resume["optimizer"])
+        run.schedule.load_state_dict(run.resume["schedule"])
+        set_rng_state(run.resume["rng"], run.generator)
+        run.phase_step, run.phase_epochs = run.resume["phase_step"], run.resume["phase_epochs"]
+    else:
+        run.phase_log.append({"phase": name, "lr": lr0, "first_epoch": len(run.rows) + 1})
+        run.phase_step, run.phase_epochs = 0, 0
+    train_net = Compiled(net, run.device) if t.compile else net
+    return net, train_net, x_train, x_val, step_plan
+
+
+def run_phase(run: Run, phase: int, name: str, lr0: float, epochs: int, progress, stop) -> tuple[str, str | None]:
+    """Train one phase's epochs (until early stopping, a signal, divergence or pruning): (status, reason)."""
+    net, train_net, x_train, x_val, step_plan = begin_phase(run, phase, name, lr0, epochs)
+    position = run.resume["position"] if run.resume is not None and phase == run.resume["phase"] else None
+    rules = GradientRules(run.model, run.cfg.regularizer, run.cfg.optimizer)
+    status, reason, spe = "completed", None, run.steps_per_epoch
+    try:
+        while run.phase_epochs < epochs and not run.stopper.should_stop:
+            started = time.perf_counter() - (position["elapsed"] if position else 0.0)
             try:
-                while phase_epochs < epochs and not stopper.should_stop:
-                    start = time.perf_counter() - (position["elapsed"] if position else 0.0)
-                    try:
-                        train_loss, train_acc, phase_step, lr = train_epoch(
-                            train_net, x_train, data.y_train, steps_per_epoch, bs, optimizer, rules, schedule,
-                            phase_step, generator, autocast, progress, stop, position, diag, step, step_plan, tuner)
-                    except Interrupted as e:
-                        phase_step = e.position["step"]
-                        save("last.pt", {**e.position, "elapsed": time.perf_counter() - start})
-                        status, reason = "interrupted", f"signal during epoch {len(rows) + 1}, step {phase_step}"
-                        break
-                    position = None
-                    val_loss, val_acc = evaluate(net, x_val, data.y_val, autocast)
-                    phase_epochs += 1
-                    row = {"epoch": len(rows) + 1, "train_loss": train_loss, "train_acc": train_acc,
-                           "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - start}
-                    rows.append(row)
-                    recorder.log_epoch(row)
-                    recorder.log_lr(schedule.lr, phase_step - steps_per_epoch, phase_step, offset=step)
-                    schedule.end_epoch(val_loss)  # after log_lr: a performance schedule changes its rate here
-                    # best.pt and epoch_N.pt before last.pt: a crash before last.pt resumes from the previous one,
-                    # which redoes this epoch and writes them again (the other order could lose or stale them)
-                    if stopper.update(row, model):
-                        save("best.pt")
-                    if t.checkpoint_every and row["epoch"] % t.checkpoint_every == 0:
-                        save(f"epoch_{row['epoch']}.pt")
-                        checkpoint.keep_newest_periodic(run_dir / "checkpoints", t.get("keep_checkpoints"))
-                    save("last.pt")
-                    progress.epoch(row)
-                    if report:
-                        report(row)
-            except Diverged as e:
-                status, reason = "diverged", f"epoch {len(rows) + 1}, {e}"
-            except Pruned as e:
-                status, reason = "pruned", str(e)
-            step += phase_step
-            phase_log[-1]["epochs"] = len(rows) + 1 - phase_log[-1]["first_epoch"]
-            phase_log[-1]["training_step"] = "native" if step_plan else "autograd"
+                train_loss, train_acc, run.phase_step, lr = train_epoch(
+                    train_net, x_train, run.data.y_train, spe, run.cfg.trainer.batch_size, run.optimizer, rules,
+                    run.schedule, run.phase_step, run.generator, run.autocast, progress, stop, position, run.diag,
+                    run.step, step_plan, run.tuner)
+            except Interrupted as e:
+                run.phase_step = e.position["step"]
+                run.save("last.pt", {**e.position, "elapsed": time.perf_counter() - started})
+                status, reason = "interrupted", f"signal during epoch {len(run.rows) + 1}, step {run.phase_step}"
+                break
+            position = None
+            val_loss, val_acc = evaluate(net, x_val, run.data.y_val, run.autocast)
+            run.phase_epochs += 1
+            row = {"epoch": len(run.rows) + 1, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - started}
+            end_epoch(row, run.rows, run.recorder, run.schedule, (run.phase_step - spe, run.phase_step), run.stopper,
+                      run.model, run.save, run.cfg.trainer, run.run_dir, lr_offset=run.step)
+            progress.epoch(row)
+            if run.report:
+                run.report(row)
+    except Diverged as e:
+        status, reason = "diverged", f"epoch {len(run.rows) + 1}, {e}"
+    except Pruned as e:
+        status, reason = "pruned", str(e)
+    run.step += run.phase_step
+    run.phase_log[-1]["epochs"] = len(run.rows) + 1 - run.phase_log[-1]["first_epoch"]
+    run.phase_log[-1]["training_step"] = "native" if step_plan else "autograd"
+    return status, reason
+
+
+def finish(run: Run, status: str, reason: str | None) -> dict:
+    """The test evaluation (of the best weights where early stopping restores them), the summary and the plots."""
+    run.recorder.close()
+    if run.diag:
+        run.diag.close()
+    run.stopper.restore(run.model)
+    test = evaluate(run.model, run.data.x_test, run.data.y_test, run.autocast) \
+        if status in ("completed", "pruned") else (math.nan, math.nan)
+    if status == "completed" and run.rows:
+        checkpoint.mark_final(run.run_dir / "checkpoints", run.stopper.final_checkpoint)
+    summary = {
+        **summary_fields(status, reason, run.rows, run.stopper, test, run.model, run.device, run.data,
+                         run.cfg.trainer.seed, run.cache_seconds),
+        "threads": torch.get_num_threads(),
+        "update_threads": run.tuner.many if run.tuner else torch.get_num_threads(),
+        "steps": run.step, "phases": run.phase_log, "resumed": run.resume is not None,
+        "training_step": " then ".join(dict.fromkeys(p.get("training_step", "autograd") for p in run.phase_log)),
+    }
+    if run.reused:
+        summary["transfer"] = {**run.reused, "cache_seconds": run.cache_seconds}
+    write_json(run.run_dir / "summary.json", summary)
+    if run.rows:
+        run.recorder.plot(run.rows, run.cfg, run.steps_per_epoch, summary["best_epoch"])
+    print_summary(summary, run.run_dir)
+    return summary
+
+
+def train(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
+    """Train one configured network; write every output into run_dir; return the summary."""
+    run = start(cfg, run_dir, parallel_jobs)
+    status, reason, plan = "completed", None, phases(cfg)
+    with Progress(sum(p[2] for p in plan), run.steps_per_epoch, enabled=cfg.trainer.progress) as progress, \
+            stop_on_signals() as stop:
+        for phase, (name, lr0, epochs) in enumerate(plan):
+            if run.resume is not None and phase < run.resume["phase"]:
+                continue
+            status, reason = run_phase(run, phase, name, lr0, epochs, progress, stop)
             if status != "completed":
                 break
-    recorder.close()
-    if diag:
-        diag.close()
-
-    stopper.restore(model)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, autocast) \
-        if status in ("completed", "pruned") else (math.nan, math.nan)
-    if status == "completed" and rows:
-        checkpoint.mark_final(run_dir / "checkpoints", stopper.final_checkpoint)
-    summary = {
-        "status": status, "reason": reason, "epochs": len(rows), "stopped_early": stopper.should_stop,
-        **epoch_metrics(rows, stopper), "test_acc": test_acc, "test_loss": test_loss,
-        "train_seconds": sum(r["seconds"] for r in rows) + cache_seconds,
-        "seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None,
-        "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-        "threads": torch.get_num_threads(), "update_threads": tuner.many if tuner else torch.get_num_threads(),
-        "seed": t.seed, "classes": list(data.classes),
-        "n_train": n, "n_val": len(data.x_val), "n_test": len(data.x_test), "data_source": data.source,
-        "steps": step, "phases": phase_log, "resumed": resume is not None,
-        "training_step": " then ".join(dict.fromkeys(p.get("training_step", "autograd") for p in phase_log)),
-    }
-    if reused:
-        summary["transfer"] = {**reused, "cache_seconds": cache_seconds}
-    write_json(run_dir / "summary.json", summary)
-    if rows:
-        recorder.plot(rows, cfg, steps_per_epoch, summary["best_epoch"])
-    print_summary(summary, run_dir)
-    return summary
+    return finish(run, status, reason)
 
 
 def objective(summary: dict) -> float:

@@ -417,7 +417,8 @@ def test_where_the_update_differs_torch_takes_it_and_the_run_is_the_same(make_cf
 
 def test_where_the_update_differs_a_stacked_sweep_leaves_it_to_torch(make_cfg, tmp_path, monkeypatch, update_check):
     """The C++ stack step takes every job's update (after torch's first) unless the check fails."""
-    from dnnlab.stacked import Stack, train_group
+    from dnnlab.stack import Stack
+    from dnnlab.stacked import train_group
 
     handed, real = [], Stack.native_step
 

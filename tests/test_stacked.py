@@ -16,7 +16,8 @@ from dnnlab import checkpoint, native
 from dnnlab.model import build_mlp
 from dnnlab.optim import build_optimizer, span
 from dnnlab.record import LearningCurves, read_scalars
-from dnnlab.stacked import job_major, plan, train_group, why_not
+from dnnlab.stack import job_major
+from dnnlab.stacked import plan, train_group, why_not
 from dnnlab.train import evaluate, train
 from tests import forked
 from tests.conftest import HANG_S
@@ -76,10 +77,10 @@ IN_STEP["beta1 0.3"] = ["optimizer.betas=[0.3,0.999]"]
                          ids=["adam family: each job's update in the C++ step", "adam family: stacked kernel calls",
                               "with sgd: one optimizer step per job"])
 def test_each_stacked_job_matches_the_job_trained_alone(make_cfg, tmp_path, variants, monkeypatch):
-    import dnnlab.stacked
+    import dnnlab.stack
 
-    steps, step = [], dnnlab.stacked._Stepper.step
-    monkeypatch.setattr(dnnlab.stacked._Stepper, "step", lambda self, stack: steps.append(1) or step(self, stack))
+    steps, step = [], dnnlab.stack.Stepper.step
+    monkeypatch.setattr(dnnlab.stack.Stepper, "step", lambda self, stack: steps.append(1) or step(self, stack))
     cfgs, dirs, summaries, alone = run_both(make_cfg, tmp_path, variants, "trainer.epochs=3")
     # with the update in the C++ step, torch's first step (creating the optimizers' state) is the only separate one
     # (torch 2.4's AdamW is no Adam subclass, so its job takes optimizer.step)
