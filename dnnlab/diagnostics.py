@@ -31,15 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from dnnlab import CONF_DIR
+from dnnlab import CONF_DIR, activations
 from dnnlab.checkpoint import atomic_write
 from dnnlab.errors import DnnlabError, bad_value
 
 COLUMNS = ("step", "layer", "act_mean", "act_std", "saturated", "dead", "grad_norm", "weight_norm", "update_ratio")
 STATS = COLUMNS[2:]
-# Activations with two horizontal asymptotes: (lower, upper) of their output range.
-SATURATING = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0), nn.Hardsigmoid: (0.0, 1.0), nn.Hardtanh: (-1.0, 1.0),
-              nn.Softsign: (-1.0, 1.0)}
+# Activations with two horizontal asymptotes: {class: (lower, upper) of their output range} (dnnlab.activations).
+SATURATING = activations.saturating()
 STRUCTURE = (nn.Linear, nn.BatchNorm1d, nn.LayerNorm, _DropoutNd, nn.Flatten, nn.Identity)
 DEFAULTS = CONF_DIR / "diagnostics" / "on.yaml"
 

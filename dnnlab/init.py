@@ -5,6 +5,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dnnlab import activations
+
 FAN_MODES = ("fan_in", "fan_out", "fan_avg")
 DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 
@@ -37,16 +39,13 @@ def apply_init(layers: list[nn.Linear], cfg: DictConfig) -> None:
             layer.bias.fill_(cfg.bias)
 
 
-# The book's table of initializations per activation: (scale, fan mode) for VarianceScaling.
-MATCHING = {
-    "torch.nn.SELU": (1.0, "fan_in"),  # LeCun
-    "torch.nn.Sigmoid": (1.0, "fan_avg"), "torch.nn.Tanh": (1.0, "fan_avg"),  # Glorot
-    "torch.nn.Softplus": (1.0, "fan_avg"),
-}
+# The book's table of initializations per activation: {class path: (scale, fan mode)} for VarianceScaling, from
+# dnnlab.activations; He for an activation it has no row for.
+MATCHING = activations.matching_inits()
 
 
 def matching(weight: torch.Tensor, activation: str, distribution: str = "normal") -> torch.Tensor:
     """The initialization the book pairs with `activation` (a torch class path): LeCun for SELU, Glorot for
     sigmoid, tanh and softplus, He for the ReLU family, ELU, GELU, Swish and Mish."""
-    scale, mode = MATCHING.get(activation, (2.0, "fan_in"))
+    scale, mode = MATCHING.get(activation, (activations.HE.scale, activations.HE.mode))
     return variance_scaling(weight, scale, mode, distribution)

@@ -30,13 +30,14 @@ import os
 import platform
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dnnlab import optim
+from dnnlab import activations, optim
 from dnnlab.errors import DnnlabError
 from dnnlab.transfer import Frozen
 
@@ -47,23 +48,13 @@ SOURCE = Path(__file__).parent / "csrc" / "mlp_step.cpp"
 CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 LIBRARY = "dnnlab_native.so"  # the finished library in build_directory()
 LAYOUT = 2  # of the build folder: the folders of dnnlab versions that ran ninja on every load are never shared
-SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # torch's alpha and scale
+SELU = activations.SELU  # torch's alpha and scale (callers and tests read native.SELU)
 
 
 def activation_spec(m: nn.Module) -> tuple[str, list[float]] | None:
-    """(kernel name, arguments) of an activation module the C++ step implements, else None."""
-    if type(m) is nn.ELU:
-        return "elu", [float(m.alpha), 1.0, 1.0]
-    if type(m) is nn.SELU:
-        return "elu", [SELU[0], SELU[1], 1.0]
-    if type(m) is nn.LeakyReLU:
-        return "leaky_relu", [float(m.negative_slope)]
-    if type(m) is nn.Softplus:
-        return "softplus", [float(m.beta), float(m.threshold)]
-    if type(m) is nn.GELU:
-        return ("gelu_tanh" if m.approximate == "tanh" else "gelu"), []
-    names = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Mish: "mish"}
-    return (names[type(m)], []) if type(m) in names else None
+    """(kernel name, arguments) of an activation module the C++ step implements, else None (dnnlab.activations)."""
+    row = activations.of(m)
+    return row.native_spec(m) if row else None
 
 
 @dataclass
@@ -78,8 +69,9 @@ class Plan:
 
 def plan(net: nn.Module) -> tuple[Plan | None, str]:
     """(plan, "") when the C++ step computes exactly what autograd computes for `net` in training mode, else
-    (None, why not). It takes [Flatten] [Dropout] (Linear -> activation [-> Dropout])* -> Linear with one of the
-    activations above, float32 on the CPU, biases everywhere, frozen layers only at the bottom, and no hooks."""
+    (None, why not). It takes [Flatten] [Dropout] (Linear -> activation [-> Dropout])* -> Linear with an activation
+    that has a kernel (dnnlab.activations), float32 on the CPU, biases everywhere, frozen layers only at the bottom,
+    and no hooks."""
     linears, acts, dropout, pending = [], [], [], 0.0
     for m in net.modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
@@ -323,10 +315,25 @@ def update_in_step() -> bool:
     return not why
 
 
+# {a run's output layer: the fallback reasons told}; weak, so that it keeps no finished run's network alive
+_told: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _tell_fallback(net: nn.Module, why: str) -> None:
+    """Say at INFO why a run trains with autograd: it is slower, and a setting that rules the C++ step out (an
+    activation without a kernel, diagnostics) should not cost that unseen. Once per run and reason, though the
+    trainer asks again for each training phase: a run's phases share its output layer (the last module of `net`),
+    and a new run builds a new one."""
+    told = _told.setdefault(list(net.modules())[-1], set())
+    if why not in told:
+        told.add(why)
+        log.info("training step: autograd (native step not used: %s)", why)
+
+
 def choose(setting, net: nn.Module, device: torch.device, reasons_off: list[str]) -> Plan | None:
     """The plan for `trainer.native` (auto, true or false), or None for the autograd path. `reasons_off` are the
-    run's settings that need autograd (diagnostics, compile, bf16). With true, anything that rules the C++ step
-    out is an error."""
+    run's settings that need autograd (diagnostics, compile, bf16). With auto, the reason for autograd is logged
+    at INFO; with true, anything that rules the C++ step out is an error."""
     if setting is False:
         return None
     why = ", ".join(reasons_off) if reasons_off else ("it runs on the CPU only" if device.type != "cpu" else "")
@@ -338,7 +345,7 @@ def choose(setting, net: nn.Module, device: torch.device, reasons_off: list[str]
     if why:
         if setting is True:
             raise DnnlabError(f"trainer.native=true is not possible here: {why} (use trainer.native=auto)")
-        log.debug("training step: autograd (native step not used: %s)", why)
+        _tell_fallback(net, why)
         return None
     return p
 

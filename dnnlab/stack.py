@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
 from dnnlab.model import dropout_spec
 from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 
-SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805  # torch.nn.SELU's (Klambauer et al.)
+SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
 class _Layer(torch.autograd.Function):
     """One stacked layer, act(x @ W + b) for every job at once, whose backward writes the weight and bias gradients

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import checkpoint, memory, native, validate
+from dnnlab import activations, checkpoint, memory, native, validate
 from dnnlab.bookkeeping import checkpoint_state, end_epoch, evaluate, steps_per_epoch, summary_fields
 from dnnlab.data import load
 from dnnlab.model import build_mlp, widths
@@ -72,8 +72,7 @@ PER_JOB_GROUPS = ("init", "optimizer", "schedule", "regularizer")
 PER_JOB_TRAINER_KEYS = ("seed", "epochs", "early_stopping", "checkpoint_every", "keep_checkpoints", "progress")
 KNOWN_GROUPS = {"data", "model", "init", "activation", "norm", "optimizer", "schedule", "regularizer", "transfer",
                 "trainer"}
-UNSTACKABLE_ACTIVATIONS = {"torch.nn.PReLU": "PReLU has learned per-unit slopes",
-                           "torch.nn.RReLU": "RReLU draws random slopes"}
+UNSTACKABLE_ACTIVATIONS = activations.unstackable()
 
 
 # ---------------------------------------------------------------------------------------------------------- planning

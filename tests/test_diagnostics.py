@@ -143,11 +143,19 @@ def test_non_sampled_steps_arm_no_hooks(make_cfg, tmp_path):
 @pytest.mark.parametrize("act,outputs,expected", [
     (nn.Sigmoid(), [[0.01, 0.5, 0.97, 0.949], [0.05, 0.95, 0.2, 0.8]], 4 / 8),
     (nn.Tanh(), [[-0.95, 0.89, 0.91, 0.0], [1.0, -0.9, -0.5, 0.3]], 4 / 8),
+    (nn.Hardsigmoid(), [[0.01, 0.5, 0.97, 0.949], [0.05, 0.95, 0.2, 0.8]], 4 / 8),
+    (nn.Hardtanh(), [[-0.95, 0.89, 0.91, 0.0], [1.0, -0.9, -0.5, 0.3]], 4 / 8),
+    (nn.Softsign(), [[-0.95, 0.89, 0.91, 0.0], [1.0, -0.9, -0.5, 0.3]], 4 / 8),
 ])
 def test_saturated_fraction_on_constructed_outputs(act, outputs, expected):
     stats = activation_stats(torch.tensor(outputs), act, margin=0.05).tolist()
     assert stats[2] == pytest.approx(expected)
     assert stats[3] == 0.0
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ELU(), nn.SELU(), nn.GELU(), nn.Softplus(), nn.PReLU()])
+def test_activations_without_two_asymptotes_have_no_saturated_fraction(act):
+    assert math.isnan(activation_stats(torch.tensor([[0.0, 0.99, 5.0, -0.99]]), act, margin=0.05)[2].item())
 
 
 def test_saturated_fraction_through_real_activations():

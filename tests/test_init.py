@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dnnlab import CONF_DIR
-from dnnlab.init import apply_init
+from dnnlab.init import apply_init, matching
 from dnnlab.model import build_mlp
 
 FAN_IN, FAN_OUT = 600, 400  # unequal, so fan_in, fan_out and fan_avg give three different variances
@@ -133,7 +133,20 @@ def test_mlp_hidden_layers_follow_the_configured_formula(make_cfg):
     assert out.weight.abs().max().item() <= math.sqrt(6 / 310)
 
 
-@pytest.mark.parametrize("activation,var", [("selu", 1 / FAN_IN), ("sigmoid", 1 / FAN_AVG), ("tanh", 1 / FAN_AVG),
-                                            ("relu", 2 / FAN_IN), ("leaky_relu", 2 / FAN_IN), ("gelu", 2 / FAN_IN)])
+# activation option -> the variance init=auto draws: the book's pairing (LeCun, Glorot, He; softplus: Glorot)
+AUTO = {"selu": 1 / FAN_IN, "sigmoid": 1 / FAN_AVG, "tanh": 1 / FAN_AVG, "softplus": 1 / FAN_AVG,
+        **{a: 2 / FAN_IN for a in ("elu", "relu", "leaky_relu", "prelu", "rrelu", "gelu", "swish", "mish")}}
+
+
+def test_every_activation_option_has_an_auto_expectation():
+    assert sorted(AUTO) == sorted(p.stem for p in (CONF_DIR / "activation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("activation,var", sorted(AUTO.items()))
 def test_auto_init_follows_the_books_table_for_each_activation(make_cfg, activation, var):
     assert_moments(init_layer(make_cfg("init=auto", f"activation={activation}")).weight.detach(), var)
+
+
+def test_auto_init_is_he_for_an_activation_without_a_row():
+    torch.manual_seed(0)
+    assert_moments(matching(torch.empty(FAN_OUT, FAN_IN), "torch.nn.ReLU6"), 2 / FAN_IN)

@@ -315,6 +315,24 @@ def test_settings_that_need_autograd_fall_back_or_are_refused(make_cfg, tmp_path
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
+def test_falling_back_to_autograd_is_told_at_info_once_per_run(make_cfg, tmp_path, caplog):
+    """trainer.native=auto with an activation the C++ step has no kernel for: one INFO line with the reason, also
+    where the trainer asks again (each training phase asks, with its part of the same network)."""
+    caplog.set_level(logging.INFO, logger="dnnlab")
+    told = "training step: autograd (native step not used: PReLU layers)"
+    summary = train(make_cfg("activation=prelu", "trainer.native=auto"), tmp_path / "prelu")
+    assert summary["training_step"] == "autograd"
+    assert [r.levelno for r in caplog.records if r.getMessage() == told] == [logging.INFO]
+    caplog.clear()
+    model, cpu = build_mlp(make_cfg("activation=prelu"), 10), torch.device("cpu")
+    top = nn.Sequential(*list(model.children())[2:])  # a fine-tuning phase's net above cached frozen layers
+    assert [native.choose("auto", net, cpu, []) for net in (model, model, top)] == [None] * 3
+    assert [r.getMessage() for r in caplog.records] == [told]
+    native.choose("auto", model, cpu, ["diagnostics=on"])  # another reason is news
+    native.choose("auto", build_mlp(make_cfg("activation=prelu"), 10), cpu, [])  # and so is another run
+    assert [r.getMessage() for r in caplog.records] == [told, told.replace("PReLU layers", "diagnostics=on"), told]
+
+
 def test_cached_transfer_trains_natively(make_cfg, tmp_path):
     train(make_cfg("data.classes=[0,1,2,3,4]"), tmp_path / "source")
     summary = train(make_cfg("data.classes=[5,6,7,8,9]", "transfer=reuse",
