@@ -33,6 +33,7 @@ LAUNCHER_RULES = {
     "n_jobs": (lambda v: v is None or (integer(v) and v != 0), "null or a non-zero integer (-1: every core)"),
     "max_group": (optional(int_min(1)), "null (every compatible job) or an integer >= 1"),
     "min_group": (int_min(1), "an integer >= 1"),
+    "cpu": (lambda v: v in ("processes", "stack"), "processes (Hydra's joblib launcher on a CPU with 2+ cores) or stack"),
     "timeout_min": (int_min(1), "an integer >= 1 (minutes)"),
     "cpus_per_task": (optional(int_min(1)), "null or an integer >= 1"),
     "gpus_per_node": (optional(int_min(0)), "null or an integer >= 0"),

@@ -145,6 +145,7 @@ CASES = [  # (command line, with {run} a finished run, {text} a text file, {fold
     ('train -m hydra/launcher=joblib hydra.launcher.n_jobs=0 optimizer=adam,sgd', 'hydra.launcher.n_jobs=0 is not allowed'),
     ('train -m hydra/launcher=stacked hydra.launcher.max_group=0 optimizer=adam,sgd', 'hydra.launcher.max_group=0 is not allowed'),
     ('train -m hydra/launcher=stacked hydra.launcher.min_group=-1 optimizer=adam,sgd', 'hydra.launcher.min_group=-1 is not allowed'),
+    ('train -m hydra/launcher=stacked hydra.launcher.cpu=stak optimizer=adam,sgd', "hydra.launcher.cpu='stak' is not allowed"),
     ('train -m hydra/launcher=slurm hydra.launcher.timeout_min=0 optimizer=adam,sgd', 'hydra.launcher.timeout_min=0 is not allowed'),
     ('train -m hydra/launcher=slurm hydra.launcher.nodes=0 optimizer=adam,sgd', 'hydra.launcher.nodes=0 is not allowed'),
     ('train -m hydra/launcher=slurm hydra.launcher.mem_gb=-4 optimizer=adam,sgd', 'hydra.launcher.mem_gb=-4 is not allowed'),

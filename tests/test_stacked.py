@@ -7,10 +7,12 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dnnlab import checkpoint, native
 from dnnlab.model import build_mlp
@@ -208,7 +210,7 @@ NORMAL_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yam
 
 def test_stacked_launcher_sweep_equals_the_basic_launcher_sweep(data_root, tmp_path):
     args = ["optimizer.lr=0.001,0.003", "model.n_neurons=50,100", "norm=none,batchnorm"]
-    stacked = sweep(data_root, tmp_path / "stacked", "hydra/launcher=stacked", *args)
+    stacked = sweep(data_root, tmp_path / "stacked", "hydra/launcher=stacked", "hydra.launcher.cpu=stack", *args)
     assert stacked.returncode == 0, stacked.stderr
     assert "4 in 2 stack(s), 4 one at a time" in stacked.stdout + stacked.stderr
     basic = sweep(data_root, tmp_path / "basic", *args)
@@ -230,7 +232,8 @@ def test_stacked_launcher_sweep_equals_the_basic_launcher_sweep(data_root, tmp_p
 
 
 def test_stacked_launcher_records_a_bad_job_and_goes_on(data_root, tmp_path):
-    done = sweep(data_root, tmp_path / "out", "hydra/launcher=stacked", "optimizer.lr=-1,0.001,0.003")
+    done = sweep(data_root, tmp_path / "out", "hydra/launcher=stacked", "hydra.launcher.cpu=stack",
+                 "optimizer.lr=-1,0.001,0.003")
     assert done.returncode == 0, done.stderr
     jobs = {int(p.parent.name): json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/summary.json")}
     assert jobs[0]["status"] == "failed" and "optimizer.lr=-1" in jobs[0]["reason"]
@@ -238,9 +241,35 @@ def test_stacked_launcher_records_a_bad_job_and_goes_on(data_root, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_stacked_launcher_takes_the_configs_the_sweeper_composed():
-    from omegaconf import OmegaConf
+def test_on_a_cpu_with_two_cores_the_sweep_goes_to_the_joblib_launcher(data_root, tmp_path):
+    """cpu=processes (the default) on a CPU with 2+ cores: the jobs run as `hydra/launcher=joblib` runs them, each
+    alone (the same metrics as the basic launcher), and their .hydra/hydra.yaml names the launcher that ran them;
+    on one core the sweep is stacked."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    args = ["optimizer.lr=0.001,0.003"]
+    done = sweep(data_root, tmp_path / "stacked", "hydra/launcher=stacked", *args)
+    assert done.returncode == 0, done.stderr
+    assert "handing the 2 jobs to hydra/launcher=joblib (n_jobs=" in done.stdout + done.stderr
+    basic = sweep(data_root, tmp_path / "basic", *args)
+    for job in range(2):
+        run = tmp_path / "stacked" / str(job)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and "stacked" not in summary
+        launcher = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.launcher
+        assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == len(os.sched_getaffinity(0))
+        assert_same_metrics(run, tmp_path / "basic" / str(job))
+    assert basic.returncode == 0, basic.stderr
+    one_core = {**os.environ, "DNNLAB_DATA": str(data_root)}
+    done = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "dnnlab", "train", "-m",
+                           "hydra/launcher=stacked", *args, "data.val_size=100", "trainer.epochs=1",
+                           "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'one'}"], cwd=tmp_path,
+                          env=one_core, capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0, done.stderr
+    assert "2 in 1 stack(s)" in done.stdout + done.stderr
 
+
+def test_stacked_launcher_takes_the_configs_the_sweeper_composed():
     from hydra_plugins.dnnlab_stacked_launcher.stacked_launcher import _KeepValidated
 
     class Loader:

@@ -8,6 +8,8 @@ stacked (and sweeps of other apps) go through `run_job` unchanged, exactly as wi
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -69,9 +71,9 @@ class _KeepValidated:
 
 
 class StackedLauncher(Launcher):
-    def __init__(self, max_group: Optional[int] = None, min_group: int = 2) -> None:
+    def __init__(self, max_group: Optional[int] = None, min_group: int = 2, cpu: str = "processes") -> None:
         super().__init__()
-        self.max_group, self.min_group = max_group, min_group
+        self.max_group, self.min_group, self.cpu = max_group, min_group, cpu
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -102,6 +104,9 @@ class StackedLauncher(Launcher):
                 sweep_config.hydra.job.num = idx
             configs.append(sweep_config)
 
+        cores = self._cores_for_processes(configs)
+        if cores:
+            return self._hand_to_joblib(job_overrides, initial_job_idx, cores)
         groups = self._plan(configs)
         stacks = [g for g in groups if len(g) > 1]
         log.info(f"Launching {len(configs)} jobs locally: {sum(map(len, stacks))} in {len(stacks)} stack(s), "
@@ -121,6 +126,47 @@ class StackedLauncher(Launcher):
                     runs[i] = ret
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------------- on the CPU
+    def _cores_for_processes(self, configs: list[DictConfig]) -> int:
+        """The cores to hand the sweep to Hydra's joblib launcher with (0: stack it). On the CPU, with more than one
+        core, process parallelism trains a sweep faster than a stack (docs/performance.md), and each job exactly
+        as alone; cpu=stack keeps the stack there too."""
+        if self.cpu != "processes" or len(configs) < 2 or any(c.hydra.job.name != "train" for c in configs):
+            return 0
+        import torch
+
+        devices = {str(OmegaConf.select(c, "trainer.device")) for c in configs}
+        if devices != {"cpu"} and not (devices <= {"cpu", "auto"} and not torch.cuda.is_available()):
+            return 0
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1 and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+            log.info("cpu=processes needs Hydra's joblib launcher (pip install 'dnnlab[joblib]'): stacking instead")
+            return 0
+        return cores if cores > 1 else 0
+
+    def _hand_to_joblib(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                        cores: int) -> Sequence[JobReturn]:
+        """The sweep as `hydra/launcher=joblib hydra.launcher.n_jobs=CORES` runs it: every job composed with that
+        launcher (so each takes its share of the cores, and .hydra/hydra.yaml says what ran)."""
+        from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+        assert self.config is not None and self.hydra_context is not None
+        log.info(f"hydra/launcher=stacked on the CPU with {cores} cores: handing the {len(job_overrides)} jobs to "
+                 f"hydra/launcher=joblib (n_jobs={cores}), which is faster here (hydra.launcher.cpu=stack to stack)")
+        config = copy.deepcopy(self.config)
+        with read_write(config), open_dict(config):
+            kept = [o for o in config.hydra.overrides.hydra
+                    if not o.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
+            config.hydra.overrides.hydra = kept + ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={cores}"]
+        settings = dataclasses.asdict(JobLibLauncherConf(n_jobs=cores))
+        del settings["_target_"]
+        launcher = JoblibLauncher(**settings)
+        # the loader itself, not the wrapper that keeps the sweeper's configs: it travels to the worker processes
+        context = HydraContext(config_loader=self.loader.loader, callbacks=self.hydra_context.callbacks)
+        launcher.setup(hydra_context=context, task_function=self.task_function, config=config)
+        return launcher.launch(job_overrides, initial_job_idx)
 
     def _plan(self, configs: list[DictConfig]) -> list[list[int]]:
         """Stacks of compatible jobs and single jobs, in job order. Only `dnnlab train` jobs are stacked."""
