@@ -363,8 +363,9 @@ def test_a_key_no_job_takes_is_refused(argv, expected):
 
 
 def test_every_command_line_of_the_readme_and_the_presets_passes_the_key_check():
-    """Every `dnnlab train|pretrain|diagnose|lr-find ...` example of README.md and of the configs' comments: its
-    overrides (up to the first word that is not one) pass check_command_line."""
+    """Every `dnnlab train|pretrain|diagnose|lr-find ...` example of README.md, of docs/*.md (the reference moved out
+    of the README) and of the configs' comments: its overrides (up to the first word that is not one) pass
+    check_command_line."""
     import re
     import shlex
 
@@ -372,7 +373,9 @@ def test_every_command_line_of_the_readme_and_the_presets_passes_the_key_check()
     from dnnlab.cli import COMMANDS
     from dnnlab.hydra_guard import check_command_line
 
-    text = (CONF_DIR.parent / "README.md").read_text() + "".join(p.read_text() for p in CONF_DIR.rglob("*.yaml"))
+    root = CONF_DIR.parent
+    text = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md")),
+                                          *CONF_DIR.rglob("*.yaml")])
     checked = set()
     for command, rest in set(re.findall(r"dnnlab (train|pretrain|diagnose|lr-find)([^\n#`|]*)", text)):
         argv = []

@@ -59,7 +59,8 @@ def diagnose_real(tmp_path, *overrides):
 
 @needs_real("fashion_mnist")
 def test_the_chapter_stories_show_on_real_data(tmp_path):
-    """dnnlab diagnose on Fashion-MNIST: vanishing gradients, self-normalisation, dying ReLUs (README, Diagnostics)."""
+    """dnnlab diagnose on Fashion-MNIST: vanishing gradients, self-normalisation, dying ReLUs (docs/performance.md,
+    What `dnnlab diagnose` measured)."""
     # sigmoid with normal(0, 1): the gradients shrink toward the lower layers; ELU with He init keeps them level
     sigmoid = diagnose_real(tmp_path, "activation=sigmoid", "init=normal")["init"]
     elu = diagnose_real(tmp_path, "activation=elu", "init=he_normal")["init"]
