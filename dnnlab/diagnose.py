@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich import box
 from rich.table import Table
 
-from dnnlab import CONF_DIR, hydra_files, transfer
+from dnnlab import CONF_DIR, bookkeeping, hydra_files, transfer
 from dnnlab.checkpoint import atomic_write
 from dnnlab.diagnostics import Diagnostics, activation_stats, capture, hidden_layers, settings
 from dnnlab.errors import bad_value
-from dnnlab.optim import GradientRules, build_optimizer, set_momentum
+from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.train import prepare, run_task
+from dnnlab.train import prepare, run_task, set_rates
 from dnnlab.ui import console
 
 log = logging.getLogger("dnnlab")
@@ -91,85 +91,29 @@ def probe(model, x: torch.Tensor, y: torch.Tensor, layers, margin: float) -> tup
 
 
 def diagnose(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
+    """Probes the network, trains it diagnose.steps steps, probes it again; writes the plots and tables and returns
+    diagnose.json's content."""
     d = cfg.diagnose
     check(d)
     dset = diagnostics_settings(cfg)
-    t = cfg.trainer
-    device, data, model = prepare(cfg, parallel_jobs)
-    hydra_files.started(run_dir)  # checked: from here the run writes
-    if cfg.transfer.source:
-        transfer.reuse(model, cfg)
-    layers = hidden_layers(model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "environment.json", environment(device))
-
-    generator = torch.Generator(device=device).manual_seed(t.seed)
-    n, bs = len(data.x_train), t.batch_size
-    pick = torch.randperm(n, device=device, generator=generator)[:d.probe_size]
-    x_probe, y_probe = data.x_train[pick], data.y_train[pick]
+    device, data, model, layers = set_up(cfg, run_dir, parallel_jobs)
+    generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed)  # draws the probe, then the batches
+    x_probe, y_probe = probe_batch(data, d.probe_size, generator, device)
     margin = float(dset.saturation_margin)
-    init_rows, init_acts = probe(model, x_probe, y_probe, layers, margin)
-
-    from torch.utils.tensorboard import SummaryWriter  # late: slow to import
-
-    tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    steps_per_epoch = max(1, math.ceil(n / bs) - (n % bs == 1 and n > 1))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optimizer, trainable, device)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
-    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.epochs * steps_per_epoch, steps_per_epoch)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-    losses, diverged_at = [], None
-    with Diagnostics(model, dset, run_dir, tb, keep=True) as diag:
-        model.train()
-        for step in range(d.steps):
-            i = step % steps_per_epoch
-            if i == 0:
-                perm = torch.randperm(n, device=device, generator=generator)
-            idx = perm[i * bs:(i + 1) * bs]
-            lr, momentum = schedule.lr(step), schedule.momentum(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if momentum is not None:
-                set_momentum(optimizer, momentum)
-            diag.begin(step)
-            with autocast:
-                logits = model(data.x_train[idx])
-            loss = F.cross_entropy(logits.float(), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            diag.before_step(step)
-            rules.before_step()
-            optimizer.step()
-            rules.after_step()
-            diag.after_step(step)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                diverged_at = step
-                break
-            if step % diag.every == 0:
-                tb.add_scalar("loss", losses[-1], step)
-    tb.close()
+    init = probe(model, x_probe, y_probe, layers, margin)
+    losses, diverged_at, diag = train_and_record(cfg, model, data, device, generator, dset, run_dir)
     steps_done = len(losses)
     if diverged_at is not None:
         log.warning("the loss is not finite at step %d: diverged (the plots show the steps before)", diverged_at)
-    final_rows, final_acts = probe(model, x_probe, y_probe, layers, margin)
-
-    write_profile(run_dir / "profile.csv", init_rows, final_rows, steps_done)
-    saturating = any(not math.isnan(r["saturated"]) for r in init_rows)  # sigmoid, tanh
-    plot_activations(layers, init_acts, final_acts, steps_done, d.max_panels, run_dir / "activations.png")
-    sizes = {layer.name: layer.weight.numel() for layer in layers}
-    plot_gradients(diag.history, sizes, init_rows, final_rows, steps_done, run_dir / "gradients.png")
-    plot_profile(init_rows, final_rows, steps_done, saturating, run_dir / "profile.png")
-    plot_steps(diag.history, losses, saturating, run_dir / "steps.png")
-    print_profile(init_rows, final_rows, steps_done, saturating, d.max_panels)
+    final = probe(model, x_probe, y_probe, layers, margin)
+    write_plots_and_tables(run_dir, layers, diag.history, losses, init, final, steps_done, d.max_panels)
 
     summary = {
         "status": "completed", "steps": steps_done, "diverged_at": diverged_at, "every": diag.every,
         "probe_size": len(x_probe), "activation": cfg.activation._target_.rsplit(".", 1)[-1],
         "init": OmegaConf.to_container(cfg.init), "n_hidden": len(layers), "lr": cfg.optimizer.lr,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "profile": {"init": init_rows, "after": final_rows},
+        "profile": {"init": init[0], "after": final[0]},
         "files": ["activations.png", "gradients.png", "profile.png", "steps.png", "diagnostics.csv", "profile.csv"],
     }
     write_json(run_dir / "diagnose.json", summary)
@@ -177,7 +121,102 @@ def diagnose(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     return summary
 
 
+def set_up(cfg: DictConfig, run_dir: Path, parallel_jobs: int):
+    """The device, data and model as `dnnlab train` prepares them (with the transferred layers), the hidden layers,
+    and environment.json."""
+    device, data, model = prepare(cfg, parallel_jobs)
+    hydra_files.started(run_dir)  # checked: from here the run writes
+    if cfg.transfer.source:
+        transfer.reuse(model, cfg)
+    layers = hidden_layers(model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "environment.json", environment(device))
+    return device, data, model, layers
+
+
+def probe_batch(data, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` training images drawn at random: the batch probed before and after the steps."""
+    pick = torch.randperm(len(data.x_train), device=device, generator=generator)[:size]
+    return data.x_train[pick], data.y_train[pick]
+
+
+def train_and_record(cfg: DictConfig, model, data, device, generator, dset, run_dir: Path):
+    """diagnose.steps steps of the configured training, with Diagnostics and TensorBoard's loss recording every
+    diagnose.every steps; stops at the first loss that is not finite. Returns the losses, the step it diverged at
+    (or None) and the Diagnostics, whose history the plots draw."""
+    from torch.utils.tensorboard import SummaryWriter  # late: slow to import
+
+    tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    n, bs = len(data.x_train), cfg.trainer.batch_size
+    # as `dnnlab train` counts them: a lone last example would break BatchNorm
+    steps_per_epoch = max(1, bookkeeping.steps_per_epoch(n, bs))
+    optimizer, rules, schedule = training_rules(cfg, model, device, steps_per_epoch)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.precision == "bf16" else nullcontext()
+    losses, diverged_at = [], None
+    with Diagnostics(model, dset, run_dir, tb, keep=True) as diag:
+        model.train()
+        for step, idx in batches(n, bs, steps_per_epoch, cfg.diagnose.steps, generator, device):
+            set_rates(optimizer, schedule, step)
+            losses.append(train_step(model, optimizer, rules, diag, autocast, data, idx, step))
+            if not math.isfinite(losses[-1]):
+                diverged_at = step
+                break
+            if step % diag.every == 0:
+                tb.add_scalar("loss", losses[-1], step)
+    tb.close()
+    return losses, diverged_at, diag
+
+
+def training_rules(cfg: DictConfig, model, device, steps_per_epoch: int):
+    """The configured optimizer (over the trainable parameters), regularizers and schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optimizer, trainable, device)
+    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.epochs * steps_per_epoch, steps_per_epoch)
+    return optimizer, rules, schedule
+
+
+def batches(n: int, bs: int, steps_per_epoch: int, steps: int, generator: torch.Generator, device):
+    """(step, indices of its batch) for `steps` steps: a fresh shuffle of the n training images every epoch."""
+    for step in range(steps):
+        i = step % steps_per_epoch
+        if i == 0:
+            perm = torch.randperm(n, device=device, generator=generator)
+        yield step, perm[i * bs:(i + 1) * bs]
+
+
+def train_step(model, optimizer, rules, diag, autocast, data, idx: torch.Tensor, step: int) -> float:
+    """One update on the batch `idx`, with Diagnostics' hooks around it; the loss."""
+    diag.begin(step)
+    with autocast:
+        logits = model(data.x_train[idx])
+    loss = F.cross_entropy(logits.float(), data.y_train[idx])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    diag.before_step(step)
+    rules.before_step()
+    optimizer.step()
+    rules.after_step()
+    diag.after_step(step)
+    return loss.item()
+
+
 # --- output -------------------------------------------------------------------------------------------------------
+
+def write_plots_and_tables(run_dir: Path, layers, history: list[dict], losses: list[float], init, final, steps: int,
+                           max_panels: int) -> None:
+    """profile.csv, the four plots and the printed profile; `init` and `final` are probe()'s (rows, activations)
+    at step 0 and after `steps` steps."""
+    (init_rows, init_acts), (final_rows, final_acts) = init, final
+    write_profile(run_dir / "profile.csv", init_rows, final_rows, steps)
+    saturating = any(not math.isnan(r["saturated"]) for r in init_rows)  # sigmoid, tanh
+    plot_activations(layers, init_acts, final_acts, steps, max_panels, run_dir / "activations.png")
+    sizes = {layer.name: layer.weight.numel() for layer in layers}
+    plot_gradients(history, sizes, init_rows, final_rows, steps, run_dir / "gradients.png")
+    plot_profile(init_rows, final_rows, steps, saturating, run_dir / "profile.png")
+    plot_steps(history, losses, saturating, run_dir / "steps.png")
+    print_profile(init_rows, final_rows, steps, saturating, max_panels)
+
 
 def write_profile(path: Path, init_rows: list[dict], final_rows: list[dict], steps: int) -> None:
     buffer = io.StringIO()
@@ -203,7 +242,7 @@ def _fmt(v: float) -> str:
 
 
 def print_profile(init_rows, final_rows, steps, saturating, max_rows) -> None:
-    frac = "saturated" if saturating else "dead"
+    frac = _fraction(saturating)
     short = "sat" if saturating else "dead"
     table = Table(title=f"hidden layers on the probe batch at initialisation (0) and after N = {steps} steps",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
@@ -216,6 +255,12 @@ def print_profile(init_rows, final_rows, steps, saturating, max_rows) -> None:
     table.caption = "grad: RMS gradient per weight, ‖∂loss/∂W‖ / √(number of weights)"
     table.caption_justify = "left"
     console.print(table)
+
+
+def _fraction(saturating: bool) -> str:
+    """The fraction the tables and plots show: saturated outputs for sigmoid/tanh (whose saturated column is not
+    NaN), dead units otherwise."""
+    return "saturated" if saturating else "dead"
 
 
 def _depth_colors(plt, n: int):
@@ -248,6 +293,15 @@ def _by_layer(history: list[dict]) -> dict[str, tuple[list[int], dict[str, list[
 def _positive(values: list[float]) -> list[float]:
     """For log axes: non-positive values as NaN (not plotted)."""
     return [v if v > 0 else math.nan for v in values]
+
+
+def _plot_probes(ax, init_rows, final_rows, steps, key: str, values=list) -> None:
+    """`key` across depth on the probe batch: a line at step 0 and one after `steps` steps (`values`: what of the
+    column is drawn, _positive on a log axis)."""
+    depth = [r["depth"] for r in init_rows]
+    for rows, label, marker in ((init_rows, "step 0 (initialisation)", "o-"),
+                                (final_rows, f"after {steps} steps", "s-")):
+        ax.plot(depth, values([r[key] for r in rows]), marker, ms=3, label=label)
 
 
 def _stats(v: np.ndarray | None) -> tuple[float, float]:
@@ -311,9 +365,7 @@ def plot_gradients(history, sizes, init_rows, final_rows, steps, path: Path) -> 
     left.set_title("gradient per layer over the steps")
     left.grid(True, which="both", alpha=0.3)
     _layer_legend(plt, fig, left, len(series))
-    depth = [r["depth"] for r in init_rows]
-    right.plot(depth, _positive([r["grad_rms"] for r in init_rows]), "o-", ms=3, label="step 0 (initialisation)")
-    right.plot(depth, _positive([r["grad_rms"] for r in final_rows]), "s-", ms=3, label=f"after {steps} steps")
+    _plot_probes(right, init_rows, final_rows, steps, "grad_rms", _positive)
     right.set_yscale("log")
     right.set_xlabel("hidden layer (1 = next to the inputs)")
     right.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -328,15 +380,12 @@ def plot_gradients(history, sizes, init_rows, final_rows, steps, path: Path) -> 
 def plot_profile(init_rows, final_rows, steps, saturating, path: Path) -> None:
     """Activation mean, std, and the saturated (sigmoid/tanh) or dead fraction across depth."""
     plt = pyplot()
-    frac = "saturated" if saturating else "dead"
+    frac = _fraction(saturating)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    depth = [r["depth"] for r in init_rows]
     for ax, key, title in zip(axes, ("act_mean", "act_std", frac),
                               ("activation mean", "activation standard deviation",
                                "fraction saturated" if saturating else "fraction of dead units")):
-        for rows, label, marker in ((init_rows, "step 0 (initialisation)", "o-"),
-                                    (final_rows, f"after {steps} steps", "s-")):
-            ax.plot(depth, [r[key] for r in rows], marker, ms=3, label=label)
+        _plot_probes(ax, init_rows, final_rows, steps, key)
         ax.set_title(title)
         ax.set_xlabel("hidden layer")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -358,7 +407,7 @@ def plot_steps(history, losses, saturating, path: Path) -> None:
     """Over the training steps: the loss, and per layer the activation std, the saturated or dead fraction and the
     update-to-weight ratio."""
     plt = pyplot()
-    frac = "saturated" if saturating else "dead"
+    frac = _fraction(saturating)
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     axes[0].plot(range(len(losses)), losses, lw=0.8)
     axes[0].set_title("training loss (every step)")

@@ -77,6 +77,11 @@ def confusion(y: torch.Tensor, pred: torch.Tensor, n: int) -> torch.Tensor:
     return torch.bincount(y.cpu() * n + pred.cpu(), minlength=n * n).reshape(n, n)
 
 
+def per_class_accuracy(matrix: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a confusion matrix over its rows: the fraction of each true class predicted right."""
+    return matrix.diag() / matrix.sum(1).clamp_min(1)
+
+
 def plot_confusion(matrix: torch.Tensor, names: list[str], title: str, path: Path) -> None:
     plt = pyplot()
     m = matrix.numpy()
@@ -132,85 +137,128 @@ def _r(v: float, digits: int = 4) -> float:
 def evaluate_run(path: str | Path, out: Path | None = None, split_name: str = "test", mc_samples: int = 0,
                  seed: int = 42, top: int = 12, data_root: str | None = None, device: str = "auto",
                  quiet: bool = False) -> dict:
+    """Evaluates the run or checkpoint at `path` on one split; writes the files into `out` and returns eval.json's
+    content."""
+    check_options(mc_samples, top, device)  # before the checkpoint and the data are loaded
+    run = load_trained(path, pick_device(device), data_root)
+    out = output_folder(out, run)
+    x, y = split(run.data, split_name)
+    result, matrix, pred = plain_inference(run, x, y, split_name)
+    if mc_samples:  # compared with plain inference's predictions
+        result["mc"] = mc_dropout(run, x, y, pred, mc_samples, seed, top, split_name, out)
+    write_outputs(run, result, matrix, out, quiet)
+    if not quiet:
+        print_summary(result, run, out)
+    return result
+
+
+def check_options(mc_samples: int, top: int, device: str) -> None:
     if mc_samples < 0:
         raise DnnlabError(f"--mc-samples={mc_samples} is not allowed: 0 (off) or an integer >= 1")
     if top < 1:
         raise DnnlabError(f"--top={top} is not allowed: an integer >= 1")
     validate.check_device(device, "--device")
-    run = load_trained(path, pick_device(device), data_root)
+
+
+def output_folder(out: Path | None, run) -> Path:
+    """--out, or RUN/eval; created."""
     out = Path(out) if out is not None else run.run_dir / "eval"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DnnlabError(f"cannot write to {out}: {e.strerror or e}") from None
-    x, y = split(run.data, split_name)
-    names, n_classes = run.names, len(run.classes)
+    return out
+
+
+def plain_inference(run, x: torch.Tensor, y: torch.Tensor, split_name: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Accuracy, loss, mean entropy, per-class accuracy and the confusion matrix of one pass in inference mode;
+    also the matrix and the predictions."""
     logits = logits_of(run.model, x)
     probs = torch.softmax(logits, 1)
     pred = logits.argmax(1)
     result = {"checkpoint": str(run.path), "epoch": run.state.get("epoch"), "split": split_name, "n": len(y),
               "accuracy": (pred == y).float().mean().item(), "loss": F.cross_entropy(logits, y).item(),
               "mean_entropy": entropy(probs).mean().item()}
-    matrix = confusion(y, pred, n_classes)
-    per_class = matrix.diag() / matrix.sum(1).clamp_min(1)
-    result["per_class_accuracy"] = dict(zip(names, per_class.tolist()))
+    matrix = confusion(y, pred, len(run.classes))
+    result["per_class_accuracy"] = dict(zip(run.names, per_class_accuracy(matrix).tolist()))
     result["confusion_matrix"] = matrix.tolist()
+    return result, matrix, pred
 
-    if mc_samples:
-        n_dropout = len(dropout_layers(run.model))
-        kinds = sorted({type(m).__name__ for m in dropout_layers(run.model)})
-        mean, std = mc_predict(run.model, x, mc_samples, seed)
-        h = entropy(mean)
-        mc_pred = mean.argmax(1)
-        right = mc_pred == y
-        pred_std = std.gather(1, mc_pred[:, None]).squeeze(1)
-        mc_matrix = confusion(y, mc_pred, n_classes)
-        result["mc"] = {
-            "samples": mc_samples, "seed": seed, "dropout_layers": n_dropout, "kinds": kinds,
-            "accuracy": right.float().mean().item(),
-            "loss": F.nll_loss(mean.clamp_min(1e-12).log(), y).item(),
-            "mean_entropy": h.mean().item(),
-            "mean_entropy_correct": h[right].mean().item() if right.any() else math.nan,
-            "mean_entropy_wrong": h[~right].mean().item() if (~right).any() else math.nan,
-            "mean_std": pred_std.mean().item(),
-            "changed_predictions": int((mc_pred != pred).sum()),
-            "per_class_accuracy": dict(zip(names, (mc_matrix.diag() / mc_matrix.sum(1).clamp_min(1)).tolist())),
-        }
-        if n_dropout == 0:
-            console.print("note: the network has no dropout layers, so every MC pass equals plain inference")
-        result["mc"]["most_uncertain"] = plot_uncertain(
-            x, y, mean, std, h, names, top,
-            f"highest predictive entropy over {mc_samples} MC dropout passes ({split_name} split; red: misclassified)",
-            out / "mc_uncertain.png")
 
-    header = ["true \\ predicted"] + [str(j) for j in range(n_classes)]
-    table = [{header[0]: f"{i} {names[i]}", **{str(j): int(matrix[i, j]) for j in range(n_classes)}}
-             for i in range(n_classes)]
-    per_rows = [{"class": i, "name": names[i], "n": int(matrix[i].sum()), "accuracy": _r(per_class[i])}
-                for i in range(n_classes)]
-    if mc_samples:
-        for row, name in zip(per_rows, names):
-            row["mc_accuracy"] = _r(result["mc"]["per_class_accuracy"][name])
+def mc_dropout(run, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, mc_samples: int, seed: int, top: int,
+               split_name: str, out: Path) -> dict:
+    """The averaged prediction of `mc_samples` passes with dropout on, against plain inference's `pred`; draws
+    mc_uncertain.png."""
+    dropouts = dropout_layers(run.model)
+    mean, std = mc_predict(run.model, x, mc_samples, seed)
+    h = entropy(mean)
+    mc_pred = mean.argmax(1)
+    right = mc_pred == y
+    pred_std = std.gather(1, mc_pred[:, None]).squeeze(1)
+    mc_matrix = confusion(y, mc_pred, len(run.classes))
+    mc = {
+        "samples": mc_samples, "seed": seed, "dropout_layers": len(dropouts),
+        "kinds": sorted({type(m).__name__ for m in dropouts}),
+        "accuracy": right.float().mean().item(),
+        "loss": F.nll_loss(mean.clamp_min(1e-12).log(), y).item(),
+        "mean_entropy": h.mean().item(),
+        "mean_entropy_correct": h[right].mean().item() if right.any() else math.nan,
+        "mean_entropy_wrong": h[~right].mean().item() if (~right).any() else math.nan,
+        "mean_std": pred_std.mean().item(),
+        "changed_predictions": int((mc_pred != pred).sum()),
+        "per_class_accuracy": dict(zip(run.names, per_class_accuracy(mc_matrix).tolist())),
+    }
+    if not dropouts:
+        console.print("note: the network has no dropout layers, so every MC pass equals plain inference")
+    mc["most_uncertain"] = plot_uncertain(
+        x, y, mean, std, h, run.names, top,
+        f"highest predictive entropy over {mc_samples} MC dropout passes ({split_name} split; red: misclassified)",
+        out / "mc_uncertain.png")
+    return mc
+
+
+def write_outputs(run, result: dict, matrix: torch.Tensor, out: Path, quiet: bool) -> None:
+    """confusion_matrix.csv/.md/.png, per_class.csv/.md and eval.json."""
+    split_name, n_images = result["split"], result["n"]
     with console.capture() if quiet else nullcontext():  # quiet: for callers that print their own summary
-        write_table(table, out / "confusion_matrix", f"confusion matrix ({split_name}, {len(y)} images)")
-        write_table(per_rows, out / "per_class", "accuracy per class")
-    plot_confusion(matrix, names, f"{split_name}: accuracy {result['accuracy']:.4f}, {run.path.name}",
+        write_table(confusion_rows(matrix, run.names), out / "confusion_matrix",
+                    f"confusion matrix ({split_name}, {n_images} images)")
+        write_table(per_class_rows(matrix, run.names, result.get("mc")), out / "per_class", "accuracy per class")
+    plot_confusion(matrix, run.names, f"{split_name}: accuracy {result['accuracy']:.4f}, {run.path.name}",
                    out / "confusion_matrix.png")
     write_json(out / "eval.json", result)
-    if not quiet:
-        lines = [f"{split_name} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
-                 f"({len(y)} images, {run.path})"]
-        if mc_samples:
-            mc = result["mc"]
-            lines.append(f"MC dropout ({mc_samples} passes, {mc['dropout_layers']} dropout layers): accuracy "
-                         f"{mc['accuracy']:.4f}, loss {mc['loss']:.4f}, predictive entropy {mc['mean_entropy']:.3f} "
-                         f"(right {mc['mean_entropy_correct']:.3f}, wrong {mc['mean_entropy_wrong']:.3f}), "
-                         f"std of the predicted probability {mc['mean_std']:.3f}; "
-                         f"{mc['changed_predictions']} predictions changed")
-        lines.append(f"written to {out}")
-        for line in lines:
-            console.print(line, highlight=False)
-    return result
+
+
+def confusion_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
+    n_classes = len(matrix)
+    header = ["true \\ predicted"] + [str(j) for j in range(n_classes)]
+    return [{header[0]: f"{i} {names[i]}", **{str(j): int(matrix[i, j]) for j in range(n_classes)}}
+            for i in range(n_classes)]
+
+
+def per_class_rows(matrix: torch.Tensor, names: list[str], mc: dict | None) -> list[dict]:
+    per_class = per_class_accuracy(matrix)
+    rows = [{"class": i, "name": names[i], "n": int(matrix[i].sum()), "accuracy": _r(per_class[i])}
+            for i in range(len(matrix))]
+    if mc:
+        for row, name in zip(rows, names):
+            row["mc_accuracy"] = _r(mc["per_class_accuracy"][name])
+    return rows
+
+
+def print_summary(result: dict, run, out: Path) -> None:
+    lines = [f"{result['split']} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+             f"({result['n']} images, {run.path})"]
+    if "mc" in result:
+        mc = result["mc"]
+        lines.append(f"MC dropout ({mc['samples']} passes, {mc['dropout_layers']} dropout layers): accuracy "
+                     f"{mc['accuracy']:.4f}, loss {mc['loss']:.4f}, predictive entropy {mc['mean_entropy']:.3f} "
+                     f"(right {mc['mean_entropy_correct']:.3f}, wrong {mc['mean_entropy_wrong']:.3f}), "
+                     f"std of the predicted probability {mc['mean_std']:.3f}; "
+                     f"{mc['changed_predictions']} predictions changed")
+    lines.append(f"written to {out}")
+    for line in lines:
+        console.print(line, highlight=False)
 
 
 def main(argv: list[str]) -> None:

@@ -35,6 +35,7 @@ from dnnlab.checkpoint import atomic_write
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.record import environment, pyplot, save_figure, write_json
+from dnnlab.bookkeeping import steps_per_epoch
 from dnnlab.train import prepare, run_task
 from dnnlab.ui import console
 
@@ -69,7 +70,7 @@ def range_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt_cfg
     was_training = model.training
     result = RangeTest(planned=steps)
     n = len(x)
-    per_pass = max(1, math.ceil(n / batch_size) - (n % batch_size == 1 and n > 1))  # no lone last example (BN)
+    per_pass = max(1, steps_per_epoch(n, batch_size))
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(opt_cfg, trainable, x.device, lr=min_lr)
@@ -215,7 +216,7 @@ def lr_find(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "environment.json", environment(device))
     n, bs = len(data.x_train), t.batch_size
-    steps = s.steps or max(3, math.ceil(n / bs) - (n % bs == 1 and n > 1))
+    steps = s.steps or max(3, steps_per_epoch(n, bs))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
     generator = torch.Generator(device=device).manual_seed(t.seed)
     with rp.Progress(rp.TextColumn("lr-find"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
