@@ -2,7 +2,7 @@
 
     dnnlab bench [--epochs 4] [--rounds 2] [--jobs 8] [--out DIR] [--keras-python PATH | --no-keras] [--quick]
 
-Three tables, printed and written to OUT/bench.json and OUT/bench.md (and one CSV/Markdown pair per table):
+Four tables, printed and written to OUT/bench.json and OUT/bench.md (and one CSV/Markdown pair per table):
 
 1. Training speed on Fashion-MNIST digits 0-4 (the training split's 27,5xx images of those classes, validated on
    the 2,5xx of the validation split) with the default network (5 x 100 ELU, He init, Adam lr 0.001, batch 32).
@@ -17,9 +17,14 @@ Three tables, printed and written to OUT/bench.json and OUT/bench.md (and one CS
    floor: the epoch's floating-point operations divided by the matrix-multiply rate measured here (the best of
    all cores and one core, at the start and after every round, so a busy spell does not lower the floor).
 2. Stacked sweeps: one job alone (`dnnlab train`), then --jobs jobs of the same network (learning rates and seeds)
-   with `dnnlab train -m hydra/launcher=stacked`: wall time of the whole command, seconds per epoch, and the ratio
-   to the single job.
-3. Transfer learning with cached frozen layers (exercise 9: a digits 0-4 network reused for 5-9 with 100 images per
+   with `dnnlab train -m hydra/launcher=stacked hydra.launcher.cpu=stack`: wall time of the whole command, seconds
+   per epoch, and the ratio to the single job.
+3. Launchers: one sweep of 8 jobs (4 learning rates x 2 seeds, the default network, all of Fashion-MNIST, early
+   stopping off) through the basic launcher, Hydra's joblib launcher (every core), `hydra/launcher=stacked` as it
+   is (on a CPU with 2+ cores it hands the sweep to joblib) and with `hydra.launcher.cpu=stack` (one stack),
+   alternately: wall time of each command, and each job's distance in validation accuracy from the same job run
+   alone.
+4. Transfer learning with cached frozen layers (exercise 9: a digits 0-4 network reused for 5-9 with 100 images per
    digit): training seconds with the frozen layers recomputed every step against computed once.
 
 --quick runs everything for 1 measured epoch on whatever data $DNNLAB_DATA (or --data-root) holds, small splits
@@ -42,6 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 CLASSES = [0, 1, 2, 3, 4]
@@ -66,13 +73,18 @@ def flops_per_epoch(n_train: int, n_val: int, widths=WIDTHS) -> float:
     return n_train * train + n_val * 2 * sum(macs)
 
 
+def idx_path(folder: Path, stem: str) -> Path:
+    """The IDX file `stem` in `folder`: raw if it is there, else gzipped (which may not be there either)."""
+    return folder / stem if (folder / stem).is_file() else folder / (stem + ".gz")
+
+
 def read_raw(folder: Path, split: str):
     """(images uint8 (n, 784), labels) from the IDX files, raw or gzipped: numpy only (for the Keras worker)."""
     import numpy as np
 
     out = []
     for stem in IDX[split]:
-        path = folder / stem if (folder / stem).is_file() else folder / (stem + ".gz")
+        path = idx_path(folder, stem)
         raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
         ndim = raw[3]
         dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
@@ -93,7 +105,7 @@ def split_indices(labels, val_size: int):
 
 def fashion_folder(root: Path) -> Path:
     for folder in (root / "FashionMNIST" / "raw", root):
-        if any((folder / (IDX["train"][0] + ext)).is_file() for ext in ("", ".gz")):
+        if idx_path(folder, IDX["train"][0]).is_file():
             return folder
     from dnnlab.errors import DnnlabError
 
@@ -109,6 +121,13 @@ def check_paths(root: Path, keras: str | None) -> None:
         raise bad_value("--keras-python", keras, "a Python interpreter that exists and can run")
 
 
+def task_overrides(data_root, val_size: int, epochs: int) -> list[str]:
+    """`dnnlab train`'s overrides for the task of tables 1 and 2: Fashion-MNIST digits 0-4, `epochs` epochs (the
+    first a warm-up), early stopping off, no progress bar."""
+    return [f"data.root={data_root}", f"data.classes=[{','.join(map(str, CLASSES))}]", f"data.val_size={val_size}",
+            f"trainer.epochs={epochs}", "trainer.progress=false", "trainer.early_stopping.monitor=null"]
+
+
 def write_result(path: str, result: dict) -> None:
     result["peak_rss_mb"] = peak_rss_mb()
     Path(path).write_text(json.dumps(result))
@@ -121,9 +140,7 @@ def worker_dnnlab(args) -> dict:
     from dnnlab.runs import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run([f"data.root={args.data_root}", f"data.classes=[{','.join(map(str, CLASSES))}]",
-                       f"data.val_size={args.val_size}", f"trainer.epochs={args.epochs}", "trainer.progress=false",
-                       "trainer.early_stopping.monitor=null", *args.override], Path(tmp) / "run")
+        summary = run([*task_overrides(args.data_root, args.val_size, args.epochs), *args.override], Path(tmp) / "run")
         rows = [line.split(",") for line in (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()[1:]]
     return {"epoch_seconds": [float(r[-1]) for r in rows], "n_train": summary["n_train"], "n_val": summary["n_val"],
             "threads": summary["threads"], "val_acc": float(rows[-1][4]),
@@ -292,16 +309,22 @@ def torchvision_root(data_root: Path, tmp: Path) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     for stems in IDX.values():
         for stem in stems:
-            if (source / stem).is_file():
-                shutil.copyfile(source / stem, raw / stem)
+            path = idx_path(source, stem)
+            if path.suffix != ".gz":
+                shutil.copyfile(path, raw / stem)
             else:
-                with gzip.open(source / (stem + ".gz"), "rb") as f_in, open(raw / stem, "wb") as f_out:
+                with gzip.open(path, "rb") as f_in, open(raw / stem, "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out)
     return tmp
 
 
+def after_warmup(seconds: list[float]) -> list[float]:
+    """The epochs after the first (warm-up), or the only one."""
+    return seconds[1:] or seconds
+
+
 def median_after_warmup(seconds: list[float]) -> float:
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+    return statistics.median(after_warmup(seconds))
 
 
 def keras_python(args) -> str | None:
@@ -350,7 +373,7 @@ def speed_table(args, data_root: Path, tmp: Path, rates: list[float], nproc: int
                          "x dnnlab": "", "val acc": "", "threads": "",
                          "note": results[name][0]["error"][:160]})
             continue
-        per_epoch = statistics.median([s for r in ok for s in (r["epoch_seconds"][1:] or r["epoch_seconds"])])
+        per_epoch = statistics.median([s for r in ok for s in after_warmup(r["epoch_seconds"])])
         base = per_epoch if base is None else base
         rows.append({"contender": name, "s/epoch": round(per_epoch, 3),
                      "images/s": round(ok[0]["n_train"] / per_epoch), "peak RSS MB": round(max(r["peak_rss_mb"] for r in ok)),
@@ -378,8 +401,7 @@ def cli(args_list: list[str], cwd: Path, timeout: float = 3600) -> dict:
 def stacked_table(args, data_root: Path, tmp: Path) -> tuple[list[dict], dict]:
     import csv
 
-    base = [f"data.root={data_root}", f"data.classes=[{','.join(map(str, CLASSES))}]", f"data.val_size={args.val_size}",
-            f"trainer.epochs={args.epochs + 1}", "trainer.progress=false", "trainer.early_stopping.monitor=null"]
+    base = task_overrides(data_root, args.val_size, args.epochs + 1)
     lrs = ["0.0003", "0.0005", "0.001", "0.002", "0.003", "0.005", "0.0001", "0.0002"]
     n_lr = min(len(lrs), max(1, args.jobs // 2)) if args.jobs > 1 else 1
     sweep = [f"optimizer.lr={','.join(lrs[:n_lr])}", f"trainer.seed=range(1,{args.jobs // n_lr + 1})"]
@@ -391,7 +413,8 @@ def stacked_table(args, data_root: Path, tmp: Path) -> tuple[list[dict], dict]:
     rows, raw = [], {}
     single_dir, sweep_dir = tmp / "single", tmp / "stacked"
     runs = [("1 job, dnnlab train", ["train", *base, f"hydra.run.dir={single_dir}"], [single_dir]),
-            (f"{args.jobs} jobs, hydra/launcher=stacked", ["train", "-m", "hydra/launcher=stacked", *sweep, *base,
+            (f"{args.jobs} jobs, hydra/launcher=stacked", ["train", "-m", "hydra/launcher=stacked",
+                                                           "hydra.launcher.cpu=stack", *sweep, *base,
                                                            f"hydra.sweep.dir={sweep_dir}"], None)]
     if args.jobs > 1 and args.sequential:
         runs.append((f"{args.jobs} jobs, basic launcher (one at a time)",
@@ -434,6 +457,64 @@ def stacked_table(args, data_root: Path, tmp: Path) -> tuple[list[dict], dict]:
                      "note": "" if "stacked" not in summary else f"{summary['stacked']['jobs']} jobs in one stack; "
                              f"per round: " + ", ".join(f"{g[0]:.2f} s" for g in got)})
     return rows, raw
+
+
+# The launcher comparison's contenders: the same sweep through each, in this order every round.
+LAUNCHERS = {
+    "basic (one job at a time)": [],
+    "joblib (n_jobs: every core)": ["hydra/launcher=joblib", "hydra.launcher.n_jobs={cores}"],
+    "stacked (on a CPU with 2+ cores: joblib)": ["hydra/launcher=stacked"],
+    "stacked, cpu=stack (one stack)": ["hydra/launcher=stacked", "hydra.launcher.cpu=stack"],
+}
+
+
+def sweep_val_acc(out: Path) -> dict[int, float]:
+    """{job number: its best validation accuracy} of a finished sweep folder."""
+    found = {}
+    for path in out.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "completed":
+            found[int(path.parent.name)] = summary["val_acc"]
+    return found
+
+
+def launcher_table(args, data_root: Path, tmp: Path, cores: int) -> tuple[list[dict], dict]:
+    """One sweep (4 learning rates x 2 seeds of the default network on all of Fashion-MNIST, early stopping off;
+    --quick: 2 jobs) through each launcher, round after round: wall time of the whole command, and how far each
+    job's best validation accuracy is from the same job run alone by the basic launcher (the last round's)."""
+    from dnnlab.runs import slug
+
+    epochs, lrs, seeds = args.epochs + 1, ["0.0001", "0.0003", "0.001", "0.003"], ["1", "2"]
+    if args.quick:
+        lrs, seeds = lrs[2:], seeds[:1]
+    n_jobs = len(lrs) * len(seeds)
+    sweep = [f"optimizer.lr={','.join(lrs)}", f"trainer.seed={','.join(seeds)}", f"data.root={data_root}",
+             f"data.val_size={args.val_size}", f"trainer.epochs={epochs}", "trainer.progress=false",
+             "trainer.early_stopping.monitor=null", *args.override]
+    walls: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
+    accs: dict[str, dict[int, float]] = {}
+    for round_ in range(args.rounds):
+        for name, launcher in LAUNCHERS.items():
+            print(f"  round {round_ + 1}/{args.rounds}: {name} ...", flush=True)
+            out = tmp / slug(name)
+            shutil.rmtree(out, ignore_errors=True)
+            result = cli(["train", "-m", *[o.format(cores=cores) for o in launcher], *sweep,
+                          f"hydra.sweep.dir={out}"], tmp)
+            accs[name] = sweep_val_acc(out)
+            if "error" not in result and not result.get("exit_code") and len(accs[name]) == n_jobs:
+                walls[name].append(result["wall_seconds"])
+    basic = accs.get(next(iter(LAUNCHERS)), {})
+    base_wall = statistics.median(walls[next(iter(LAUNCHERS))] or [float("nan")])
+    rows = []
+    for name in LAUNCHERS:
+        wall = statistics.median(walls[name]) if walls[name] else None
+        gaps = [abs(acc - basic[job]) * 100 for job, acc in accs.get(name, {}).items() if job in basic]
+        rows.append({"launcher": name, "wall s": round(wall, 1) if wall else "failed",
+                     "per round": ", ".join(f"{w:.1f}" for w in walls[name]),
+                     "x basic": round(wall / base_wall, 2) if wall else "",
+                     "max |val_acc - alone| pp": round(max(gaps), 2) if gaps else "",
+                     "mean val_acc": round(statistics.mean(accs[name].values()), 4) if accs.get(name) else ""})
+    return rows, {"epochs": epochs, "jobs": n_jobs, "sweep": sweep, "walls": walls, "val_acc": accs}
 
 
 def transfer_table(args, tmp: Path) -> tuple[list[dict], dict]:
@@ -519,8 +600,39 @@ def targets(speed: list[dict], stacked: list[dict], default_rss: float | None) -
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--worker" in argv:
+    if "--worker" in argv:  # a contender's process, started by spawn()
         return worker_main(argv)
+    args = parse_args(argv)
+    root = find_data_root(args)
+    check_paths(root, args.keras_python)
+    os.environ["DNNLAB_DATA"] = str(root)  # where dnnlab's runs, here and in the workers, find their data
+    out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    info, rates = measure_machine()
+    report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    md = markdown_header(args, info)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for name, run_section in sections(args, root, Path(tmp_name), out, info, rates):
+            if name not in args.skip:
+                entries, lines = run_section()
+                report.update(entries)
+                md += lines
+    # a skipped section's targets read as not measured
+    checks = targets(report.get("speed", {}).get("rows", []), report.get("stacked", {}).get("rows", []),
+                     rss_mb(report.get("default_run")))
+    report["targets"] = checks
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    md += [markdown("Targets", checks)]
+    md += [f"Load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} (other processes on the machine "
+           "slow every contender down; compare ratios from one invocation)."]
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    for c in checks:
+        print(f"  {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a':8} {c['target']}: {c['measured']}")
+    print(f"written: {out / 'bench.json'}, {out / 'bench.md'}")
+
+
+def argument_parser():
     from dnnlab.errors import ArgumentParser, at_least  # here: the Keras worker imports this module without dnnlab
 
     parser = ArgumentParser(prog="dnnlab bench", description=__doc__,
@@ -541,89 +653,131 @@ def main(argv: list[str] | None = None) -> None:
                              "tutorial uses 2)")
     parser.add_argument("--sequential", action="store_true", help="also time the sweep with the basic launcher")
     parser.add_argument("--transfer-seeds", type=at_least(1), default=3)
-    parser.add_argument("--skip", action="append", default=[], choices=["speed", "stacked", "transfer"])
+    parser.add_argument("--skip", action="append", default=[], choices=["speed", "stacked", "launchers", "transfer"])
     parser.add_argument("-o", "--override", action="append", default=[], help="extra override for dnnlab's runs")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="1 measured epoch, 1 round, 2 stacked jobs, 1 seed; "
                                                              "for tiny data (tests)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = argument_parser().parse_args(argv)
     if args.quick:
         args.epochs, args.rounds, args.transfer_seeds = 1, 1, 1
         args.jobs = min(args.jobs, 2)
         if args.val_size == 5000:
             args.val_size = 100
+    return args
+
+
+def find_data_root(args) -> Path:
+    """--data-root, else $DNNLAB_DATA, else the folder above where dnnlab finds Fashion-MNIST; absolute."""
     root = args.data_root or (Path(os.environ["DNNLAB_DATA"]) if os.environ.get("DNNLAB_DATA") else None)
     if root is None:
         from dnnlab.data import locate
 
         root = locate("fashion_mnist").parent.parent
-    root = Path(root).resolve()
-    check_paths(root, args.keras_python)
-    os.environ["DNNLAB_DATA"] = str(root)
-    out = args.out or Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
-    from dnnlab.runs import write_table
+    return Path(root).resolve()
 
+
+def measure_machine() -> tuple[dict, list[float]]:
+    """machine() with the matrix-product rates on all cores and on one (printed); also the rates, the first the
+    arithmetic floor chooses from."""
     info = machine()
     rate_all, rate_one = matmul_rate(info["nproc"]), matmul_rate(1)
     info.update({"matmul_gflops_all_cores": round(rate_all / 1e9, 1), "matmul_gflops_1_thread": round(rate_one / 1e9, 1)})
     print(f"dnnlab bench: {info['nproc']} cores ({info['cpu']}), torch {info['torch']}, matrix products "
           f"{info['matmul_gflops_all_cores']} GFLOP/s on all cores, {info['matmul_gflops_1_thread']} on one; "
           f"load average {info['loadavg_at_start'][0]:.2f}", flush=True)
-    report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
-    md = [f"# dnnlab bench, {time.strftime('%Y-%m-%d %H:%M')}", "",
-          f"Machine: {info['nproc']} cores ({info['cpu']}), torch {info['torch']}, CUDA: {info['cuda'] or 'none'}; "
-          f"float32 matrix products {info['matmul_gflops_all_cores']} GFLOP/s on all cores "
-          f"({info['matmul_gflops_1_thread']} on one); load average at start "
-          f"{info['loadavg_at_start'][0]:.2f}. {args.epochs} measured epochs after 1 warm-up, {args.rounds} round(s).",
-          ""]
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        speed, stacked, default_rss = [], [], None
-        if "speed" not in args.skip:
-            print("speed: the default network on Fashion-MNIST digits 0-4", flush=True)
-            speed, raw = speed_table(args, root, tmp / "speed", [rate_all, rate_one], info["nproc"])
-            report["speed"] = {"rows": speed, **raw}
-            write_table(speed, out / "speed", f"Seconds per epoch, {raw['n_train']} training images "
-                                              f"(Fashion-MNIST 0-4), batch 32, {info['nproc']} cores",
-                        ["note"], [r["note"] for r in speed])  # a narrow terminal: the notes under their rows
-            md += [markdown(f"Training speed: {raw['n_train']} training + {raw['n_val']} validation images per "
-                            f"epoch", speed)]
-            md += [f"{k}: {v}" for k, v in raw["notes"].items()]
-            md += [f"Matrix-product rates measured at the start and after each round (GFLOP/s; the floor uses the "
-                   f"best): {', '.join(map(str, raw['matmul_gflops_measured']))}", ""]
-            print("memory: one epoch of the default run (all of Fashion-MNIST)", flush=True)
-            default = cli(["train", f"data.root={root}", "trainer.epochs=1", "trainer.progress=false",
-                           f"data.val_size={args.val_size}", f"hydra.run.dir={tmp / 'default'}",
-                           *(["trainer.limit_batches=50"] if args.quick else [])], tmp)
-            default_rss = None if "error" in default else round(default["peak_rss_mb"])
-            report["default_run"] = default
-            md += [f"A default run (`dnnlab train`, all 55,000 training images, one epoch): peak resident memory "
-                   f"{default_rss} MB.", ""]
-        if "stacked" not in args.skip:
-            print(f"stacked sweeps: 1 job, then {args.jobs} jobs", flush=True)
-            stacked, raw = stacked_table(args, root, tmp / "stacked")
-            report["stacked"] = {"rows": stacked, "results": raw}
-            write_table(stacked, out / "stacked", f"Stacked sweeps of the default network ({info['nproc']} cores)",
-                        ["note"], [r["note"] for r in stacked])
-            md += [markdown("Stacked sweeps (learning rates x seeds), the default network", stacked)]
-        if "transfer" not in args.skip:
-            print("transfer: exercise 9 with and without cached frozen layers", flush=True)
-            transfer, raw = transfer_table(args, tmp / "transfer")
-            report["transfer"] = {"rows": transfer, "summaries": raw}
-            write_table(transfer, out / "transfer", "Transfer learning: frozen layers recomputed or cached")
-            md += [markdown("Transfer (exercise 9, 30 epochs without early stopping)", transfer)]
-    checks = targets(speed, stacked, default_rss)
-    report["targets"] = checks
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    md += [markdown("Targets", checks)]
-    md += [f"Load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} (other processes on the machine "
-           "slow every contender down; compare ratios from one invocation)."]
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "bench.md").write_text("\n".join(md) + "\n")
-    for c in checks:
-        print(f"  {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a':8} {c['target']}: {c['measured']}")
-    print(f"written: {out / 'bench.json'}, {out / 'bench.md'}")
+    return info, [rate_all, rate_one]
+
+
+def markdown_header(args, info: dict) -> list[str]:
+    return [f"# dnnlab bench, {time.strftime('%Y-%m-%d %H:%M')}", "",
+            f"Machine: {info['nproc']} cores ({info['cpu']}), torch {info['torch']}, CUDA: {info['cuda'] or 'none'}; "
+            f"float32 matrix products {info['matmul_gflops_all_cores']} GFLOP/s on all cores "
+            f"({info['matmul_gflops_1_thread']} on one); load average at start "
+            f"{info['loadavg_at_start'][0]:.2f}. {args.epochs} measured epochs after 1 warm-up, "
+            f"{args.rounds} round(s).", ""]
+
+
+def sections(args, root: Path, tmp: Path, out: Path, info: dict, rates: list[float]
+             ) -> list[tuple[str, Callable[[], tuple[dict, list[str]]]]]:
+    """The benchmark's sections, in the order they run and appear in bench.json and bench.md: (the name --skip
+    takes, a function that runs the section, writes its CSV/Markdown table and returns its entries of bench.json
+    and its lines of bench.md). A new section is one more entry here, with its name among --skip's choices."""
+    return [("speed", partial(speed_section, args, root, tmp, out, info, rates)),
+            ("stacked", partial(stacked_section, args, root, tmp, out, info["nproc"])),
+            ("launchers", partial(launcher_section, args, root, tmp, out, info["nproc"])),
+            ("transfer", partial(transfer_section, args, tmp, out))]
+
+
+def speed_section(args, root: Path, tmp: Path, out: Path, info: dict, rates: list[float]) -> tuple[dict, list[str]]:
+    """Table 1, and the peak memory of a default run."""
+    from dnnlab.runs import write_table
+
+    print("speed: the default network on Fashion-MNIST digits 0-4", flush=True)
+    speed, raw = speed_table(args, root, tmp / "speed", rates, info["nproc"])
+    write_table(speed, out / "speed", f"Seconds per epoch, {raw['n_train']} training images "
+                                      f"(Fashion-MNIST 0-4), batch 32, {info['nproc']} cores",
+                ["note"], [r["note"] for r in speed])  # a narrow terminal: the notes under their rows
+    md = [markdown(f"Training speed: {raw['n_train']} training + {raw['n_val']} validation images per epoch", speed)]
+    md += [f"{k}: {v}" for k, v in raw["notes"].items()]
+    md += [f"Matrix-product rates measured at the start and after each round (GFLOP/s; the floor uses the "
+           f"best): {', '.join(map(str, raw['matmul_gflops_measured']))}", ""]
+    default = default_run(args, root, tmp)
+    md += [f"A default run (`dnnlab train`, all 55,000 training images, one epoch): peak resident memory "
+           f"{rss_mb(default)} MB.", ""]
+    return {"speed": {"rows": speed, **raw}, "default_run": default}, md
+
+
+def default_run(args, root: Path, tmp: Path) -> dict:
+    """One epoch of `dnnlab train` with the defaults, in its own process: its peak memory."""
+    print("memory: one epoch of the default run (all of Fashion-MNIST)", flush=True)
+    return cli(["train", f"data.root={root}", "trainer.epochs=1", "trainer.progress=false",
+                f"data.val_size={args.val_size}", f"hydra.run.dir={tmp / 'default'}",
+                *(["trainer.limit_batches=50"] if args.quick else [])], tmp)
+
+
+def rss_mb(result: dict | None) -> int | None:
+    """A process's peak resident memory in whole MB; None where it was not measured or failed."""
+    return None if result is None or "error" in result else round(result["peak_rss_mb"])
+
+
+def stacked_section(args, root: Path, tmp: Path, out: Path, nproc: int) -> tuple[dict, list[str]]:
+    """Table 2."""
+    from dnnlab.runs import write_table
+
+    print(f"stacked sweeps: 1 job, then {args.jobs} jobs", flush=True)
+    stacked, raw = stacked_table(args, root, tmp / "stacked")
+    write_table(stacked, out / "stacked", f"Stacked sweeps of the default network ({nproc} cores)",
+                ["note"], [r["note"] for r in stacked])
+    return ({"stacked": {"rows": stacked, "results": raw}},
+            [markdown("Stacked sweeps (learning rates x seeds), the default network", stacked)])
+
+
+def launcher_section(args, root: Path, tmp: Path, out: Path, nproc: int) -> tuple[dict, list[str]]:
+    """Table 4: the launchers on one sweep."""
+    from dnnlab.runs import write_table
+
+    print("launchers: one sweep through basic, joblib and stacked, alternately", flush=True)
+    rows, raw = launcher_table(args, root, tmp / "launchers", nproc)
+    title = (f"One sweep of {raw['jobs']} jobs (learning rates x seeds, the default network, {raw['epochs']} epochs, "
+             f"all of Fashion-MNIST) through each launcher, {nproc} cores")
+    write_table(rows, out / "launchers", title)
+    return {"launchers": {"rows": rows, **raw}}, [markdown(title, rows)]
+
+
+def transfer_section(args, tmp: Path, out: Path) -> tuple[dict, list[str]]:
+    """Table 3."""
+    from dnnlab.runs import write_table
+
+    print("transfer: exercise 9 with and without cached frozen layers", flush=True)
+    transfer, raw = transfer_table(args, tmp / "transfer")
+    write_table(transfer, out / "transfer", "Transfer learning: frozen layers recomputed or cached")
+    return ({"transfer": {"rows": transfer, "summaries": raw}},
+            [markdown("Transfer (exercise 9, 30 epochs without early stopping)", transfer)])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
                                                              rel=0.01)
     stacked = report["stacked"]["rows"]
     assert [r["jobs"] for r in stacked] == [1, 2] and stacked[1]["note"].startswith("2 jobs in one stack")
+    launchers = report["launchers"]["rows"]
+    assert [r["launcher"] for r in launchers] == list(bench.LAUNCHERS) and report["launchers"]["jobs"] == 2
+    assert all(isinstance(r["wall s"], float) for r in launchers), launchers
+    assert launchers[0]["max |val_acc - alone| pp"] == 0  # the basic launcher against itself
+    assert launchers[1]["max |val_acc - alone| pp"] == 0  # joblib runs each job as alone
     transfer = report["transfer"]["rows"]
     assert [r["variant"] for r in transfer] == ["frozen 5 layers, recomputed", "frozen 5 layers, cached"]
     assert transfer[1]["cache s"] > 0
@@ -48,7 +53,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
     for heading in ("### Training speed", "### Stacked sweeps", "### Transfer", "### Targets"):
         assert heading in md
     assert "| contender | s/epoch | images/s | peak RSS MB | x dnnlab |" in md
-    for stem in ("speed", "stacked", "transfer"):  # each table also as CSV and Markdown
+    for stem in ("speed", "stacked", "launchers", "transfer"):  # each table also as CSV and Markdown
         assert (out / f"{stem}.csv").is_file() and (out / f"{stem}.md").is_file()
 
 
