@@ -1,23 +1,27 @@
 """`dnnlab latency RUN_OR_CHECKPOINT`: inference latency of a trained network on the current device, and what lower
 precision does to speed, size and accuracy.
 
-Variants: fp32 (as trained); bf16 (weights and inputs in bfloat16, CPU or CUDA); fp16 (CUDA only); int8 (CPU only:
-dynamic quantisation of the Linear layers, torch.ao.quantization.quantize_dynamic: int8 weights, activations
-quantised on the fly). For each: the median (and 90th percentile) time of one single-image forward pass, of one
-batch of --batch-size images and the throughput, the serialized size of the weights, and the test accuracy with
-its change against fp32. The timings are wall-clock, after a warm-up, under torch.inference_mode, with
-`torch.get_num_threads()` threads (--threads to choose); on CUDA every call is synchronised.
+Variants: fp32 (as trained); bf16 (weights and inputs in bfloat16, CPU or CUDA); fp16 (CUDA only); int8 (CPU only,
+the optional extra dnnlab[int8]: torchao's dynamic quantisation of the Linear layers, int8 weights per output
+channel, activations quantised per row on the fly). For each: the median time and its interquartile range of one
+single-image forward pass and of one batch of --batch-size images, the throughput, the serialized size of the
+weights, and the test accuracy with its change against fp32. torch.utils.benchmark times the calls
+(Timer.blocked_autorange, at least --min-time seconds each, after its own warm-up), under torch.inference_mode,
+with `torch.get_num_threads()` threads (--threads to choose); on CUDA the clock waits for the device.
 
 Written to --out (default RUN/latency/): latency.csv/.md, latency.json.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
-import statistics
+import logging
+import math
+import re
 import sys
-import time
-import warnings
+import timeit
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,17 +39,39 @@ from dnnlab.trained import load_trained, logits_of
 from dnnlab.ui import console, error
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+NEEDS_TORCHAO = "needs dnnlab's optional packages 'int8' (torchao is not installed): pip install 'dnnlab[int8]'"
+
+
+@contextmanager
+def quiet(logger: str):
+    """Only errors from this logger for a while: torch's warnings, on importing a module, that the user can do
+    nothing about."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation of every Linear layer (CPU)."""
+    """A CPU copy of the model with every Linear layer in int8 (torchao's dynamic quantisation)."""
     try:
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError:  # removed from torch in favour of torchao
-        raise RuntimeError("torch.ao.quantization.quantize_dynamic is not in this torch (torchao has it)") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated in recent torch releases, still working
-        return quantize_dynamic(copy.deepcopy(model).cpu(), {nn.Linear}, dtype=torch.qint8)
+        with quiet("torch.utils._pytree"):  # torch 2.14 logs a deprecation of torchao (0.18)'s own code
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            from torchao.utils import should_reduce_range
+    except ImportError as e:
+        if importlib.util.find_spec("torchao") is None:
+            raise RuntimeError(NEEDS_TORCHAO) from None
+        raise RuntimeError(f"torchao does not import with torch {torch.__version__}: {e}") from None
+    cpu = torch.device("cpu")
+    # set_inductor_config=False: nothing here is compiled, so torch._inductor's global settings stay as they are;
+    # reduce_range: CPUs without VNNI saturate int8 products at full range
+    config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=should_reduce_range(cpu))
+    quantized = copy.deepcopy(model).to(cpu)
+    quantize_(quantized, config)
+    return quantized
 
 
 def variant(model: nn.Module, precision: str, device: torch.device) -> tuple[nn.Module, torch.dtype | None]:
@@ -67,107 +93,105 @@ def variant(model: nn.Module, precision: str, device: torch.device) -> tuple[nn.
 
 def size_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.save(model.state_dict(), buffer)
+    torch.save(model.state_dict(), buffer)
     return buffer.tell()
 
 
-@torch.inference_mode()
-def timings(model: nn.Module, inputs: list[torch.Tensor], repeats: int, warmup: int) -> list[float]:
-    """Seconds per call of model(input), cycling through `inputs`."""
-    cuda = inputs[0].device.type == "cuda"
-    for i in range(warmup):
-        model(inputs[i % len(inputs)])
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for i in range(repeats):
-        x = inputs[i % len(inputs)]
-        start = time.perf_counter()
-        model(x)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def clock(device: torch.device):
+    """The Timer's clock: on CUDA it first waits for this device's queued kernels, so that a block of calls is
+    timed to its end; a CPU measurement has nothing to wait for."""
+    if device.type != "cuda":
+        return timeit.default_timer
+
+    def synchronised() -> float:
+        torch.cuda.synchronize(device)
+        return timeit.default_timer()
+
+    return synchronised
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def timing(model: nn.Module, x: torch.Tensor, threads: int, min_time: float) -> tuple[float, float]:
+    """(median, interquartile range) of the seconds one call model(x) takes."""
+    with quiet("torch.utils.cpp_extension"):  # imported by the benchmark: warns about a CUDA toolkit without a GPU
+        from torch.utils import benchmark
+    timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads, timer=clock(x.device))
+    with torch.inference_mode():  # the Timer runs the calls in this thread, so they run without autograd
+        measurement = timer.blocked_autorange(min_run_time=min_time)
+    return measurement.median, measurement.iqr
 
 
-def measure(path, out: Path | None = None, batch_size: int = 256, repeats: int = 300, warmup: int = 30,
-            precisions=PRECISIONS, threads: int | None = None, data_root: str | None = None,
-            device: str = "auto") -> dict:
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise DnnlabError("--batch-size and --repeats must be >= 1, --warmup >= 0")
-    if threads is not None:
-        if threads < 1:
-            raise DnnlabError(f"--threads={threads} is not allowed: an integer >= 1")
-        torch.set_num_threads(threads)
+def latency(model: nn.Module, x: torch.Tensor, batch_size: int, threads: int, min_time: float) -> dict:
+    """The timing columns of one variant (x in its input dtype): one image and one batch, median and IQR."""
+    single, single_iqr = timing(model, x[:1], threads, min_time)
+    batch = x[:batch_size]
+    many, many_iqr = timing(model, batch, threads, min_time)
+    n = len(batch)
+    return {"single_us": round(single * 1e6, 1), "single_iqr_us": round(single_iqr * 1e6, 1),
+            f"batch{n}_ms": round(many * 1e3, 3), f"batch{n}_iqr_ms": round(many_iqr * 1e3, 3),
+            "images_per_s": round(n / many)}
+
+
+def measure(path, out: Path | None = None, batch_size: int = 256, min_time: float = 0.2, precisions=PRECISIONS,
+            threads: int | None = None, data_root: str | None = None, device: str = "auto") -> dict:
+    if batch_size < 1:
+        raise DnnlabError(f"--batch-size={batch_size} is not allowed: an integer >= 1")
+    if not 0 < min_time < math.inf:
+        raise DnnlabError(f"--min-time={min_time} is not allowed: a finite number of seconds > 0")
+    if threads is not None and threads < 1:
+        raise DnnlabError(f"--threads={threads} is not allowed: an integer >= 1")
+    threads = threads or torch.get_num_threads()
     validate.check_device(device, "--device")
     dev = pick_device(device)
     run = load_trained(path, dev, data_root)
     out = Path(out) if out is not None else run.run_dir / "latency"
     out.mkdir(parents=True, exist_ok=True)
-    x, y = run.data.x_test, run.data.y_test
     rows, skipped, base_acc = [], {}, None
     for precision in precisions:
         try:
             model, dtype = variant(run.model, precision, dev)
             model.eval()
-            xd = x.to(dtype) if dtype is not None else x
-            logits = logits_of(model, xd)
-        except RuntimeError as e:  # not on this device / in this torch
+            x, y = (run.data.x_test.to(dtype) if dtype is not None else run.data.x_test), run.data.y_test
+            logits = logits_of(model, x)
+        except RuntimeError as e:  # not on this device, in this torch, or without the optional package
             skipped[precision] = str(e).splitlines()[0][:160]
             continue
         acc = (logits.argmax(1) == y).float().mean().item()
-        loss = F.cross_entropy(logits, y).item()
         base_acc = acc if precision == "fp32" else base_acc
-        singles = [xd[i:i + 1] for i in range(min(256, len(xd)))]
-        batches = [xd[i:i + batch_size] for i in range(0, max(1, min(len(xd), 4 * batch_size) - batch_size + 1),
-                                                         batch_size)] or [xd[:batch_size]]
-        one = timings(model, singles, repeats, warmup)
-        many = timings(model, batches, max(10, repeats // 10), max(3, warmup // 10))
-        n_batch = len(batches[0])
         rows.append({
-            "precision": precision, "single_us": round(statistics.median(one) * 1e6, 1),
-            "single_p90_us": round(percentile(one, 0.9) * 1e6, 1),
-            f"batch{n_batch}_ms": round(statistics.median(many) * 1e3, 3),
-            "images_per_s": round(n_batch / statistics.median(many)),
-            "size_kb": round(size_bytes(model) / 1024, 1),
-            "test_acc": round(acc, 4), "test_loss": round(loss, 4),
+            "precision": precision, **latency(model, x, batch_size, threads, min_time),
+            "size_kb": round(size_bytes(model) / 1024, 1), "test_acc": round(acc, 4),
+            "test_loss": round(F.cross_entropy(logits, y).item(), 4),
             "acc_change_pp": round((acc - base_acc) * 100, 2) if base_acc is not None else None,
         })
     if not rows:
         raise DnnlabError(f"no precision could run on {dev}: {skipped}")
-    title = f"inference latency on {dev} ({torch.get_num_threads()} threads), {run.path}"
+    title = f"inference latency on {dev} ({threads} threads), {run.path}"
     with console.capture():  # the files get every column; the terminal a narrower table
         write_table(rows, out / "latency", title)
-    print_table(rows, title, batch_size)
+    print_table(rows, title)
     for precision, why in skipped.items():
-        console.print(f"{precision}: skipped ({why})", highlight=False)
-    result = {"checkpoint": str(run.path), "device": str(dev), "threads": torch.get_num_threads(),
+        # plain text: rich would take the [int8] of pip's extra for markup; one line even on a narrow terminal
+        console.print(f"{precision}: skipped ({why})", markup=False, highlight=False, soft_wrap=True)
+    result = {"checkpoint": str(run.path), "device": str(dev), "threads": threads,
               "cpu_capability": torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else None,
               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-              "batch_size": batch_size, "repeats": repeats, "rows": rows, "skipped": skipped}
+              "batch_size": batch_size, "min_time_s": min_time, "rows": rows, "skipped": skipped}
     write_json(out / "latency.json", result)
     console.print(f"written to {out}", highlight=False)
     return result
 
 
-def print_table(rows: list[dict], title: str, batch_size: int) -> None:
+def print_table(rows: list[dict], title: str) -> None:
+    # the batch's size from its column: smaller than --batch-size when the test set is
+    n = next(m.group(1) for k in rows[0] if (m := re.fullmatch(r"batch(\d+)_ms", k)))
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    heads = ("precision", "1 image µs", "p90 µs", f"batch {batch_size} ms", "images/s", "size KB", "test acc",
-             "Δ pp")
+    heads = ("precision", "1 image µs", "IQR µs", f"batch {n} ms", "IQR ms", "images/s", "size KB", "test acc", "Δ pp")
     for h in heads:
         table.add_column(h, justify="left" if h == "precision" else "right")
     for r in rows:
-        batch = next(v for k, v in r.items() if k.startswith("batch"))
-        table.add_row(r["precision"], f"{r['single_us']:.1f}", f"{r['single_p90_us']:.1f}", f"{batch:.3f}",
-                      f"{r['images_per_s']:,}", f"{r['size_kb']:.0f}", f"{r['test_acc']:.4f}",
-                      f"{r['acc_change_pp']:+.2f}")
+        table.add_row(r["precision"], f"{r['single_us']:.1f}", f"{r['single_iqr_us']:.1f}",
+                      f"{r[f'batch{n}_ms']:.3f}", f"{r[f'batch{n}_iqr_ms']:.3f}", f"{r['images_per_s']:,}",
+                      f"{r['size_kb']:.0f}", f"{r['test_acc']:.4f}", f"{r['acc_change_pp']:+.2f}")
     console.print(table)
 
 
@@ -176,8 +200,8 @@ def main(argv: list[str]) -> None:
                                      "latency of a trained network, in fp32 and lower precisions.")
     parser.add_argument("run", help=checkpoint.RUN_HELP)
     parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per batched call (256)")
-    parser.add_argument("--repeats", type=at_least(1), default=300, help="timed single-image calls (batched: a tenth)")
-    parser.add_argument("--warmup", type=at_least(0), default=30, help="untimed calls first")
+    parser.add_argument("--min-time", type=float, default=0.2, metavar="SECONDS",
+                        help="timed seconds at least per measurement, after the warm-up (0.2)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help="comma-separated subset of fp32,bf16,fp16,int8 (the ones this device lacks are skipped)")
     parser.add_argument("--threads", type=at_least(1), help="CPU threads (default: torch's, all cores)")
@@ -192,8 +216,8 @@ def main(argv: list[str]) -> None:
             raise DnnlabError(f"--precisions={args.precisions} is not allowed: a comma-separated subset of "
                               f"{','.join(PRECISIONS)}")
         precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # the reference for the accuracy change
-        measure(args.run, args.out, args.batch_size, args.repeats, args.warmup, precisions, args.threads,
-                args.data_root, args.device)
+        measure(args.run, args.out, args.batch_size, args.min_time, precisions, args.threads, args.data_root,
+                args.device)
     except DnnlabError as e:
         error(str(e))
         sys.exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,14 +229,30 @@ def test_prune_bad_arguments_are_one_line(trained, capsys):
 
 # --- latency -----------------------------------------------------------------------------------------------------
 
-def test_latency_measures_every_precision_this_device_has(trained, tmp_path):
-    result = measure(trained(), tmp_path, batch_size=16, repeats=20, warmup=2, device="cpu")
+def test_latency_measures_every_precision_this_device_has(trained, tmp_path, capfd):
+    pytest.importorskip("torchao")  # int8 (dnnlab[int8], in dnnlab[test])
+    run = trained()
+    capfd.readouterr()
+    result = measure(run, tmp_path, batch_size=16, min_time=0.01, device="cpu")
+    assert capfd.readouterr().err == ""  # no warnings from torch, torchao or the benchmark's imports
     rows = {r["precision"]: r for r in result["rows"]}
     assert set(rows) == {"fp32", "bf16", "int8"} and "fp16" in result["skipped"]
-    assert rows["fp32"]["acc_change_pp"] == 0 and rows["fp32"]["single_us"] > 0 and rows["fp32"]["images_per_s"] > 0
+    for r in rows.values():  # medians and interquartile ranges
+        assert r["single_us"] > 0 and r["single_iqr_us"] >= 0 and r["batch16_ms"] > 0 and r["batch16_iqr_ms"] >= 0
+        assert r["images_per_s"] > 0
+    assert rows["fp32"]["acc_change_pp"] == 0
     assert abs(rows["int8"]["acc_change_pp"]) <= 5 and abs(rows["bf16"]["acc_change_pp"]) <= 5
     assert rows["int8"]["size_kb"] < rows["fp32"]["size_kb"]
-    assert (tmp_path / "latency.csv").read_text().startswith("precision,single_us")
+    assert (tmp_path / "latency.csv").read_text().startswith(
+        "precision,single_us,single_iqr_us,batch16_ms,batch16_iqr_ms,images_per_s,size_kb,test_acc")
+
+
+def test_latency_times_with_the_threads_asked_and_leaves_torchs_setting_alone(trained, tmp_path):
+    before = torch.get_num_threads()
+    result = measure(trained(), tmp_path, batch_size=8, min_time=0.01, precisions=("fp32",), threads=before + 1,
+                     device="cpu")
+    assert result["threads"] == before + 1 and torch.get_num_threads() == before
+    assert result["min_time_s"] == 0.01 and "batch8_ms" in result["rows"][0]
 
 
 def test_latency_rejects_an_unknown_precision(trained, capsys):
@@ -245,6 +262,17 @@ def test_latency_rejects_an_unknown_precision(trained, capsys):
 
 
 def test_latency_of_one_lower_precision_still_reports_the_change_against_fp32(trained, tmp_path):
-    latency_main([str(trained()), "--precisions", "int8", "--repeats", "10", "--out", str(tmp_path)])
+    latency_main([str(trained()), "--precisions", "bf16", "--min-time", "0.01", "--out", str(tmp_path)])
     rows = {r["precision"]: r for r in json.loads((tmp_path / "latency.json").read_text())["rows"]}
-    assert list(rows) == ["fp32", "int8"] and isinstance(rows["int8"]["acc_change_pp"], float)
+    assert list(rows) == ["fp32", "bf16"] and isinstance(rows["bf16"]["acc_change_pp"], float)
+
+
+def test_latency_without_torchao_says_in_one_line_which_extra_int8_needs(trained, tmp_path, monkeypatch, capsys):
+    for module in ("torchao", "torchao.quantization", "torchao.utils"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now fails as if it were not installed
+    latency_main([str(trained()), "--precisions", "int8", "--min-time", "0.01", "--device", "cpu",
+                  "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "latency.json").read_text())
+    assert [r["precision"] for r in result["rows"]] == ["fp32"]
+    why = "needs dnnlab's optional packages 'int8' (torchao is not installed): pip install 'dnnlab[int8]'"
+    assert result["skipped"] == {"int8": why} and f"int8: skipped ({why})\n" in capsys.readouterr().out
