@@ -107,64 +107,80 @@ def stages(cfg: DictConfig, model: nn.Sequential) -> list[tuple[str, nn.Module, 
     return [("same digit", SameDigit(nn.Sequential(model.input, *hidden), sizes[-1], p.head_units, make_act), None)]
 
 
-def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
-    device, data, model = prepare(cfg, parallel_jobs)
-    hydra_files.started(run_dir)  # checked: from here the run writes
-    t, p = cfg.trainer, cfg.pretrain
-    if p.kind == "same_digit" and cfg.data.n_per_class is not None:
-        log.warning("same_digit pairs come from data.n_per_class=%s images per class", cfg.data.n_per_class)
-    recorder = Recorder(run_dir)
-    write_json(run_dir / "environment.json", environment(device))
-    generator = torch.Generator(device=device).manual_seed(t.seed)
+def batch_loss(module, loss_fn, x, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, number correct) of one batch: reconstruction for autoencoders (idx: the rows, None: all of x), whether
+    two images show the same digit for pairs (idx: first images, second images, same or not)."""
+    if loss_fn is not None:
+        return loss_fn(x[idx] if idx is not None else x), torch.zeros((), device=x.device)
+    a, b, same = idx
+    logits = module(x[a], x[b])
+    return F.binary_cross_entropy_with_logits(logits, same), ((logits > 0).float() == same).sum()
+
+
+def stage_epoch(module, loss_fn, optimizer, data, batches, val_idx, steps: int, progress
+                ) -> tuple[float, float, float, float]:
+    """One epoch of a stage over `steps` batches drawn by `batches(i)`: (training loss, training predictions right,
+    validation loss, validation predictions right)."""
+    device = data.x_train.device
+    total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    module.train()
+    for i in range(steps):
+        loss, right = batch_loss(module, loss_fn, data.x_train, batches(i))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        correct += right
+        if i % 50 == 0:
+            progress.step(i)
+    module.eval()
+    with torch.no_grad():
+        val_loss, val_right = batch_loss(module, loss_fn, data.x_val, val_idx)
+    return total.item() / steps, correct.item(), val_loss.item(), val_right.item()
+
+
+def train_stages(cfg: DictConfig, model, data, recorder, generator, progress_on: bool) -> list[dict]:
+    """Each stage's epochs, one after another: the rows of metrics.csv."""
+    p, bs, device = cfg.pretrain, cfg.trainer.batch_size, data.x_train.device
+    n, rows, plan = len(data.x_train), [], stages(cfg, model)
+    steps = max(1, n // bs)
     if p.kind == "same_digit":
         pairs = PairSampler(data.y_train, data.n_classes, generator)
         val_pairs = PairSampler(data.y_val, data.n_classes, generator).sample(len(data.y_val))  # fixed for all epochs
-    n, bs = len(data.x_train), t.batch_size
-    steps = max(1, n // bs)
-    rows, plan = [], stages(cfg, model)
-
-    def batch_loss(module, loss_fn, x, y, idx=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, number correct) of one batch: reconstruction for autoencoders, same-or-not for pairs."""
-        if loss_fn is not None:
-            return loss_fn(x[idx] if idx is not None else x), torch.zeros((), device=device)
-        a, b, same = idx if idx is not None else val_pairs
-        logits = module(x[a], x[b])
-        return F.binary_cross_entropy_with_logits(logits, same), ((logits > 0).float() == same).sum()
-
-    with Progress(p.epochs * len(plan), steps, enabled=t.progress) as progress:
-        for stage, (name, module, loss_fn) in enumerate(plan):
+    with Progress(p.epochs * len(plan), steps, enabled=progress_on) as progress:
+        for name, module, loss_fn in plan:
             module.to(device)
-            params = [q for q in module.parameters() if q.requires_grad]
-            optimizer = build_optimizer(cfg.optimizer, params, device)
+            optimizer = build_optimizer(cfg.optimizer, [q for q in module.parameters() if q.requires_grad], device)
             for _ in range(p.epochs):
-                start, total, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
-                module.train()
+                start = time.perf_counter()
                 perm = torch.randperm(n, device=device, generator=generator)
-                for i in range(steps):
-                    idx = perm[i * bs:(i + 1) * bs] if loss_fn is not None else pairs.sample(bs)
-                    loss, right = batch_loss(module, loss_fn, data.x_train, data.y_train, idx)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.detach()
-                    correct += right
-                    if i % 50 == 0:
-                        progress.step(i)
-                module.eval()
-                with torch.no_grad():
-                    val_loss, val_right = batch_loss(module, loss_fn, data.x_val, data.y_val)
-                train_loss = total.item() / steps
+                batches = (lambda i: perm[i * bs:(i + 1) * bs]) if loss_fn is not None else (lambda i: pairs.sample(bs))
+                train_loss, right, val_loss, val_right = stage_epoch(
+                    module, loss_fn, optimizer, data, batches, None if loss_fn is not None else val_pairs, steps,
+                    progress)
                 if not math.isfinite(train_loss):
                     raise bad_value("optimizer.lr", cfg.optimizer.lr, f"a lower rate: pretraining diverged ({name})")
                 row = {"epoch": len(rows) + 1, "train_loss": train_loss,
-                       "train_acc": correct.item() / (steps * bs) if loss_fn is None else math.nan,
-                       "val_loss": val_loss.item(),
-                       "val_acc": val_right.item() / len(data.y_val) if loss_fn is None else math.nan,
+                       "train_acc": right / (steps * bs) if loss_fn is None else math.nan, "val_loss": val_loss,
+                       "val_acc": val_right / len(data.y_val) if loss_fn is None else math.nan,
                        "lr": cfg.optimizer.lr, "seconds": time.perf_counter() - start}
                 rows.append(row)
                 recorder.log_epoch(row)
                 progress.epoch(row)
             log.info("pretrain %s: %s, validation loss %.4f", p.kind, name, rows[-1]["val_loss"])
+    return rows
+
+
+def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
+    device, data, model = prepare(cfg, parallel_jobs)
+    hydra_files.started(run_dir)  # checked: from here the run writes
+    p = cfg.pretrain
+    if p.kind == "same_digit" and cfg.data.n_per_class is not None:
+        log.warning("same_digit pairs come from data.n_per_class=%s images per class", cfg.data.n_per_class)
+    recorder = Recorder(run_dir)
+    write_json(run_dir / "environment.json", environment(device))
+    generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed)
+    rows = train_stages(cfg, model, data, recorder, generator, cfg.trainer.progress)
     recorder.close()
     for q in model.parameters():
         q.requires_grad_(True)
@@ -174,7 +190,7 @@ def pretrain(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     summary = {"status": "completed", "pretrain": OmegaConf.to_container(p), "epochs": len(rows),
                "monitor": "val_loss", "val_loss": rows[-1]["val_loss"], "val_acc": rows[-1]["val_acc"],
                "train_seconds": sum(r["seconds"] for r in rows), "device": str(device),
-               "n_train": n, "n_val": len(data.y_val), "data_source": data.source}
+               "n_train": len(data.x_train), "n_val": len(data.y_val), "data_source": data.source}
     write_json(run_dir / "summary.json", summary)
     plot_learning_curves(rows, run_dir / "learning_curves.png")
     print_summary(summary, run_dir)
