@@ -512,7 +512,7 @@ def launcher_table(args, data_root: Path, tmp: Path, cores: int) -> tuple[list[d
         rows.append({"launcher": name, "wall s": round(wall, 1) if wall else "failed",
                      "per round": ", ".join(f"{w:.1f}" for w in walls[name]),
                      "x basic": round(wall / base_wall, 2) if wall else "",
-                     "max |val_acc - alone| pp": round(max(gaps), 2) if gaps else "",
+                     "max val_acc gap to alone, pp": round(max(gaps), 2) if gaps else "",
                      "mean val_acc": round(statistics.mean(accs[name].values()), 4) if accs.get(name) else ""})
     return rows, {"epochs": epochs, "jobs": n_jobs, "sweep": sweep, "walls": walls, "val_acc": accs}
 

@@ -22,6 +22,7 @@ from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
+
 class _Layer(torch.autograd.Function):
     """One stacked layer, act(x @ W + b) for every job at once, whose backward writes the weight and bias gradients
     into the stack's own buffers (the same memory every step: no fresh multi-megabyte gradient per step) and returns
