@@ -180,8 +180,8 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
         if diag:
             diag.after_step(offset + step)  # the update includes max-norm's rescaling
         step += 1
-        if check_every_step:
-            if not math.isfinite(loss):
+        if check_every_step:  # the sum too: finite losses whose sum overflows are no finite training either
+            if not (math.isfinite(loss) and math.isfinite(loss_sum)):
                 raise Diverged(f"step {step}: loss is {float(loss)}")
         else:
             finite += torch.isfinite(loss)
@@ -403,7 +403,7 @@ def begin_phase(run: Run, phase: int, name: str, lr0: float, epochs: int):
         if not resuming:
             run.stopper.restore(model)
             run.stopper.bad_epochs = 0
-        run.phase_log[-1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
+        run.phase_log[phase - 1]["unfrozen"] = transfer.unfreeze(model, cfg.transfer.unfreeze_top)
     if resuming:
         model.load_state_dict(run.resume["model"])
     frozen, net = transfer.split_frozen(model)
