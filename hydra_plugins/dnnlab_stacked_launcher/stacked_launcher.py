@@ -105,8 +105,9 @@ class StackedLauncher(Launcher):
             configs.append(sweep_config)
 
         cores = self._cores_for_processes(configs)
-        if cores:
-            return self._hand_to_joblib(job_overrides, initial_job_idx, cores)
+        handed = cores and self._hand_to_joblib(job_overrides, initial_job_idx, min(cores, len(configs)))
+        if handed:
+            return handed
         groups = self._plan(configs)
         stacks = [g for g in groups if len(g) > 1]
         log.info(f"Launching {len(configs)} jobs locally: {sum(map(len, stacks))} in {len(stacks)} stack(s), "
@@ -146,21 +147,31 @@ class StackedLauncher(Launcher):
         return cores if cores > 1 else 0
 
     def _hand_to_joblib(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
-                        cores: int) -> Sequence[JobReturn]:
-        """The sweep as `hydra/launcher=joblib hydra.launcher.n_jobs=CORES` runs it: every job composed with that
-        launcher (so each takes its share of the cores, and .hydra/hydra.yaml says what ran)."""
+                        n_jobs: int) -> Sequence[JobReturn] | None:
+        """The sweep as `hydra/launcher=joblib hydra.launcher.n_jobs=N` runs it: every job composed with that
+        launcher (so each takes its share of the cores, and .hydra/hydra.yaml says what ran). None where a job does
+        not compose so (a config that sets the stacked launcher's own keys): then it is stacked."""
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
         from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
         assert self.config is not None and self.hydra_context is not None
-        log.info(f"hydra/launcher=stacked on the CPU with {cores} cores: handing the {len(job_overrides)} jobs to "
-                 f"hydra/launcher=joblib (n_jobs={cores}), which is faster here (hydra.launcher.cpu=stack to stack)")
         config = copy.deepcopy(self.config)
         with read_write(config), open_dict(config):
             kept = [o for o in config.hydra.overrides.hydra
                     if not o.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
-            config.hydra.overrides.hydra = kept + ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={cores}"]
-        settings = dataclasses.asdict(JobLibLauncherConf(n_jobs=cores))
+            config.hydra.overrides.hydra = kept + ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
+        try:  # as each worker will compose its job
+            self.loader.loader.load_sweep_config(config, list(job_overrides[0]))
+        except (HydraException, OmegaConfBaseException) as e:
+            log.info(f"hydra/launcher=stacked: the jobs do not compose with the joblib launcher ({e}): stacking")
+            return None
+        log.info(f"hydra/launcher=stacked on the CPU: handing the {len(job_overrides)} jobs to hydra/launcher=joblib "
+                 f"(n_jobs={n_jobs}): on a CPU which of the two is faster depends on the machine, and joblib trains each "
+                 "job as alone (hydra.launcher.cpu=stack to stack)")
+        settings = dataclasses.asdict(JobLibLauncherConf(n_jobs=n_jobs))
         del settings["_target_"]
         launcher = JoblibLauncher(**settings)
         # the loader itself, not the wrapper that keeps the sweeper's configs: it travels to the worker processes
