@@ -21,6 +21,17 @@ N_TRAIN_PER_CLASS, N_TEST_PER_CLASS = 60, 12
 HANG_S = 3600
 
 
+def pytest_sessionstart(session) -> None:
+    """CI (.ci/run) sets DNNLAB_REQUIRE_NATIVE=1: there the native C++ step must build, or the run fails at once,
+    instead of its tests skipping with the reason as they do on a machine without a compiler."""
+    if os.environ.get("DNNLAB_REQUIRE_NATIVE") and not hasattr(session.config, "workerinput"):
+        from dnnlab import native
+
+        reason = native.available()
+        if reason:
+            raise pytest.UsageError(f"DNNLAB_REQUIRE_NATIVE is set but the native step is unavailable: {reason}")
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array in the IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, data."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)

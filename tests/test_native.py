@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -338,6 +339,18 @@ def test_cached_transfer_trains_natively(make_cfg, tmp_path):
     summary = train(make_cfg("data.classes=[5,6,7,8,9]", "transfer=reuse",
                              f"transfer.source={tmp_path / 'source'}"), tmp_path / "target")
     assert summary["status"] == "completed" and summary["training_step"] == "native"
+
+
+def test_where_the_native_step_is_required_a_failed_build_fails_the_test_run(tmp_path):
+    """DNNLAB_REQUIRE_NATIVE=1 (CI) and no working compiler: pytest stops before any test, saying why."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false",
+           "DNNLAB_REQUIRE_NATIVE": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                           str(Path(__file__).parent / "test_ftrl.py")], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1], timeout=HANG_S)
+    assert done.returncode != 0
+    assert "DNNLAB_REQUIRE_NATIVE is set but the native step is unavailable: it could not be built" in \
+        done.stdout + done.stderr
 
 
 def test_a_failed_build_leaves_the_autograd_path(tmp_path, data_root):
