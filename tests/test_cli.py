@@ -98,7 +98,7 @@ def test_each_apps_help_lists_the_groups_it_takes(dnnlab):
 def test_a_misspelt_key_is_refused_not_added(dnnlab, tmp_path):
     """Hydra would add +trainer.epoch=3 (and advised that + for trainer.epoch=3): a run with the default epochs."""
     for override in ("trainer.epoch=3", "+trainer.epoch=3"):
-        result = dnnlab("train", "debug=smoke", override, f"hydra.run.dir={tmp_path / 'run'}")
+        result = dnnlab("train", "debug=smoke", override, f"hydra.run.dir={tmp_path / 'run'}", launcher="script")
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == ["error: unknown key 'trainer.epoch': did you mean "
                                                       "trainer.epochs? (--help lists every group and key)"]
