@@ -37,7 +37,9 @@ from dnnlab.errors import bad_value
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.train import prepare, run_task, set_rates
+from dnnlab.prepare import prepare
+from dnnlab.train import run_task
+from dnnlab.trainer import set_rates
 from dnnlab.ui import console
 
 log = logging.getLogger("dnnlab")

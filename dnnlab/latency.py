@@ -34,7 +34,7 @@ from dnnlab import checkpoint, validate
 from dnnlab.errors import ArgumentParser, DnnlabError, at_least
 from dnnlab.record import write_json
 from dnnlab.runs import write_table
-from dnnlab.train import pick_device
+from dnnlab.prepare import pick_device
 from dnnlab.trained import load_trained, logits_of
 from dnnlab.ui import console, error
 

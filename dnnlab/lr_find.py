@@ -36,7 +36,8 @@ from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.bookkeeping import steps_per_epoch
-from dnnlab.train import prepare, run_task
+from dnnlab.prepare import prepare
+from dnnlab.train import run_task
 from dnnlab.ui import console
 
 SHORT = {"book": "10x below the minimum (the book)", "steep": "steepest descent (fastai)",

@@ -26,7 +26,8 @@ from dnnlab.errors import bad_value
 from dnnlab.model import widths
 from dnnlab.optim import build_optimizer
 from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
-from dnnlab.train import prepare, run_task
+from dnnlab.prepare import prepare
+from dnnlab.train import run_task
 from dnnlab.ui import Progress, print_summary
 
 log = logging.getLogger("dnnlab")

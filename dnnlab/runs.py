@@ -24,7 +24,7 @@ def compose_config(overrides: list[str], name: str = "train") -> DictConfig:
 
 def run(overrides: list[str], run_dir: Path) -> dict:
     """Train one job through the normal code path; returns its summary."""
-    from dnnlab.train import train
+    from dnnlab.trainer import train
 
     return train(compose_config(overrides), Path(run_dir))
 

@@ -25,7 +25,7 @@ from dnnlab import checkpoint, validate
 from dnnlab.errors import ArgumentParser, DnnlabError
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
-from dnnlab.train import pick_device
+from dnnlab.prepare import pick_device
 from dnnlab.trained import load_trained, logits_of, weight_matrices
 from dnnlab.ui import console, error
 

@@ -63,7 +63,7 @@ from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.stack import Dropout, Job, Rules, Stack, StateView, Stepper, activation_fn, evaluate_stack, set_lr
 from dnnlab.threads import ThreadTuner
-from dnnlab.train import native_plan, pick_device, restrict, seed_everything
+from dnnlab.prepare import native_plan, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
 
@@ -132,7 +132,7 @@ def plan(cfgs: list[DictConfig], max_group: int | None = None, min_group: int = 
 
 
 def pick_stack_threads(setting, cfg: DictConfig, n_jobs: int) -> int:
-    """Threads for a stack: like `dnnlab.train.pick_threads`, but a stack's matrix products are n_jobs times larger,
+    """Threads for a stack: like `dnnlab.prepare.pick_threads`, but a stack's matrix products are n_jobs times larger,
     so all cores pay off much sooner: from n_jobs x batch x widest layer > 8192 (three default networks). With
     threads=auto, ThreadTuner then checks the choice against one thread on the first epoch's steps."""
     import os

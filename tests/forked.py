@@ -22,8 +22,8 @@ from pathlib import Path
 from tests.conftest import HANG_S
 
 # what every command imports anyway; a module missing here is imported by the command as usual
-PRELOAD = ["torch", "hydra", "dnnlab.cli", "dnnlab.train", "dnnlab.hydra_guard", "dnnlab.keys", "dnnlab.record",
-           "matplotlib.pyplot", "torch.utils.tensorboard"]
+PRELOAD = ["torch", "hydra", "dnnlab.cli", "dnnlab.train", "dnnlab.trainer", "dnnlab.hydra_guard", "dnnlab.keys",
+           "dnnlab.record", "matplotlib.pyplot", "torch.utils.tensorboard"]
 TERMINAL = ("COLUMNS", "LINES")
 
 

@@ -15,7 +15,7 @@ from dnnlab.model import build_mlp
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.schedule import build_schedule
 from dnnlab.stacked import train_group
-from dnnlab.train import train, train_epoch
+from dnnlab.trainer import train, train_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

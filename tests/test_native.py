@@ -290,11 +290,11 @@ def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch, ov
     step (threads=auto), or run on the one thread asked for; the metrics are the same, the matrix products keep
     one thread and the summary records both counts. The update runs in the C++ step, which times it, unless
     penalties or clipping change the gradients first."""
-    import dnnlab.train
+    import dnnlab.trainer
 
     tuners = []
-    monkeypatch.setattr(dnnlab.train, "core_share", lambda parallel_jobs=1: 2)
-    monkeypatch.setattr(dnnlab.train, "ThreadTuner", lambda *a, **k: tuners.append(_Alternating(*a, **k)) or tuners[-1])
+    monkeypatch.setattr(dnnlab.trainer, "core_share", lambda parallel_jobs=1: 2)
+    monkeypatch.setattr(dnnlab.trainer, "ThreadTuner", lambda *a, **k: tuners.append(_Alternating(*a, **k)) or tuners[-1])
     auto = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=auto"), tmp_path / "auto")
     one = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=1"), tmp_path / "one")
     assert (auto["threads"], auto["update_threads"], one["threads"], one["update_threads"]) == (1, 2, 1, 1)

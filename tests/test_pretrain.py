@@ -38,7 +38,7 @@ def test_pairs_are_half_same_half_different():
 
 def test_greedy_autoencoder_trains_one_layer_at_a_time(pre_cfg, tmp_path, monkeypatch):
     import dnnlab.pretrain as pre
-    import dnnlab.train
+    import dnnlab.prepare
     from dnnlab.model import build_mlp
 
     models, snapshots = [], []
@@ -47,7 +47,7 @@ def test_greedy_autoencoder_trains_one_layer_at_a_time(pre_cfg, tmp_path, monkey
         models.append(build_mlp(*args))
         return models[-1]
 
-    monkeypatch.setattr(dnnlab.train, "build_mlp", keep)
+    monkeypatch.setattr(dnnlab.prepare, "build_mlp", keep)
     monkeypatch.setattr(pre.log, "info", lambda *a: snapshots.append(
         {k: v.clone() for k, v in models[0].state_dict().items()}))  # called once at the end of each stage
     summary = pretrain(pre_cfg("pretrain.greedy=true", "model.n_hidden=2"), tmp_path)

@@ -20,7 +20,8 @@ from dnnlab.optim import build_optimizer, span
 from dnnlab.record import LearningCurves, read_scalars
 from dnnlab.stack import job_major
 from dnnlab.stacked import plan, train_group, why_not
-from dnnlab.train import evaluate, train
+from dnnlab.bookkeeping import evaluate
+from dnnlab.trainer import train
 from tests import forked
 from tests.conftest import HANG_S
 

@@ -86,7 +86,7 @@ def test_joblib_jobs_take_their_share_of_the_cores_from_the_launcher(data_root, 
 def test_parallel_jobs_share_the_cores(monkeypatch):
     from omegaconf import OmegaConf
 
-    from dnnlab.train import pick_threads
+    from dnnlab.prepare import pick_threads
 
     cfg = OmegaConf.create({"model": {"n_hidden": 2, "n_neurons": 1000}, "trainer": {"batch_size": 1024}})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))

@@ -292,7 +292,7 @@ def test_test_metrics_use_the_restored_best_weights(make_cfg, tmp_path):
     from contextlib import nullcontext
 
     from dnnlab.data import load
-    from dnnlab.train import evaluate
+    from dnnlab.bookkeeping import evaluate
 
     cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.02")  # a high rate makes later epochs worse at times
     summary = train(cfg, tmp_path)
@@ -312,7 +312,7 @@ def test_without_early_stopping_the_last_epoch_is_reported_and_tested(make_cfg, 
     from contextlib import nullcontext
 
     from dnnlab.data import load
-    from dnnlab.train import evaluate
+    from dnnlab.bookkeeping import evaluate
 
     cfg = make_cfg("trainer.epochs=5", "optimizer.lr=0.05", "trainer.early_stopping.monitor=null")
     summary = train(cfg, tmp_path)
