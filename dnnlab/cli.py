@@ -72,10 +72,10 @@ def main() -> None:
         print(usage())
         return
     if command not in COMMANDS and command not in SHELL_COMPLETION:
-        import difflib
+        from dnnlab.errors import nearest
 
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = nearest(command, COMMANDS)
+        hint = f"; did you mean {close}?" if close else ""
         print(f"error: unknown command {command!r}: one of {', '.join(COMMANDS)}{hint} (dnnlab --help)",
               file=sys.stderr)
         sys.exit(2)

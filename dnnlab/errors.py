@@ -1,5 +1,6 @@
 """The one exception type that the command line turns into a single line on stderr (no traceback)."""
 import argparse
+import difflib
 import re
 import sys
 
@@ -10,6 +11,12 @@ class DnnlabError(Exception):
 
 def bad_value(key: str, value, allowed: str) -> DnnlabError:
     return DnnlabError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def nearest(word: str, choices) -> str | None:
+    """The known name closest to a misspelt one, for every "did you mean" dnnlab prints; None if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return close[0] if close else None
 
 
 class Pruned(Exception):

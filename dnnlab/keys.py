@@ -11,7 +11,6 @@ refused too (`transfer.reuse_layers=2` with transfer=none: Hydra would advise it
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from collections import defaultdict
@@ -22,7 +21,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, Overri
 from omegaconf import OmegaConf
 
 from dnnlab import components, conf_dirs
-from dnnlab.errors import DnnlabError
+from dnnlab.errors import DnnlabError, nearest
 
 HELP = "(--help lists every group and key)"
 # Groups whose options a list picks together (regularizer=[l2,dropout]): a key of an option not picked adds that
@@ -236,8 +235,8 @@ def check_groups(known: Known, overrides: list[Override]) -> None:
         for name in option_names(o.value()):
             if not known.repo.config_exists(f"{group}/{name}"):
                 options = known.options(group)
-                near = difflib.get_close_matches(name, options, n=1)
-                hint = f": did you mean {group}={near[0]}?" if near else "."
+                near = nearest(name, options)
+                hint = f": did you mean {group}={near}?" if near else "."
                 listed = sorted({opt if "/" not in opt else opt.split("/")[0] + "/..." for opt in options})
                 raise DnnlabError(f"Could not find '{group}/{name}'{hint} Available options in '{group}': "
                                   f"{', '.join(listed)}")
@@ -289,8 +288,8 @@ def refusal(key: str, wrong: str, names: list[str], targets: set[str]) -> Dnnlab
     """One line naming the key, with the nearest known name (`trainer.epoch`: trainer.epochs)."""
     parent, _, part = wrong.rpartition(".")
     owner = conf_dirs.owner(part) if not parent else None
-    near = difflib.get_close_matches(part, names, n=1)
-    hint = f": did you mean {(parent + '.' if parent else '') + near[0] + key[len(wrong):]}?" if near else ""
+    near = nearest(part, names)
+    hint = f": did you mean {(parent + '.' if parent else '') + near + key[len(wrong):]}?" if near else ""
     if targets:
         return DnnlabError(f"'{key}' is not a setting of {' or '.join(sorted(targets))}{hint} (settings here: "
                            f"{', '.join(names)})")
