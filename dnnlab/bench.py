@@ -121,11 +121,12 @@ def check_paths(root: Path, keras: str | None) -> None:
         raise bad_value("--keras-python", keras, "a Python interpreter that exists and can run")
 
 
-def task_overrides(data_root, val_size: int, epochs: int) -> list[str]:
-    """`dnnlab train`'s overrides for the task of tables 1 and 2: Fashion-MNIST digits 0-4, `epochs` epochs (the
-    first a warm-up), early stopping off, no progress bar."""
-    return [f"data.root={data_root}", f"data.classes=[{','.join(map(str, CLASSES))}]", f"data.val_size={val_size}",
-            f"trainer.epochs={epochs}", "trainer.progress=false", "trainer.early_stopping.monitor=null"]
+def task_overrides(data_root, val_size: int, epochs: int, classes=CLASSES) -> list[str]:
+    """`dnnlab train`'s overrides for the task of tables 1 and 2: Fashion-MNIST digits 0-4 (classes=None: all ten,
+    as table 3), `epochs` epochs (the first a warm-up), early stopping off, no progress bar."""
+    picked = [f"data.classes=[{','.join(map(str, classes))}]"] if classes else []
+    return [f"data.root={data_root}", *picked, f"data.val_size={val_size}", f"trainer.epochs={epochs}",
+            "trainer.progress=false", "trainer.early_stopping.monitor=null"]
 
 
 def write_result(path: str, result: dict) -> None:
@@ -488,9 +489,8 @@ def launcher_table(args, data_root: Path, tmp: Path, cores: int) -> tuple[list[d
     if args.quick:
         lrs, seeds = lrs[2:], seeds[:1]
     n_jobs = len(lrs) * len(seeds)
-    sweep = [f"optimizer.lr={','.join(lrs)}", f"trainer.seed={','.join(seeds)}", f"data.root={data_root}",
-             f"data.val_size={args.val_size}", f"trainer.epochs={epochs}", "trainer.progress=false",
-             "trainer.early_stopping.monitor=null", *args.override]
+    sweep = [f"optimizer.lr={','.join(lrs)}", f"trainer.seed={','.join(seeds)}",
+             *task_overrides(data_root, args.val_size, epochs, classes=None), *args.override]
     walls: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
     accs: dict[str, dict[int, float]] = {}
     for round_ in range(args.rounds):

@@ -34,12 +34,11 @@ from dnnlab import CONF_DIR, bookkeeping, hydra_files, transfer
 from dnnlab.checkpoint import atomic_write
 from dnnlab.diagnostics import Diagnostics, activation_stats, capture, hidden_layers, settings
 from dnnlab.errors import bad_value
-from dnnlab.optim import GradientRules, build_optimizer
+from dnnlab.optim import GradientRules, build_optimizer, set_rates
+from dnnlab.prepare import prepare
 from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.prepare import prepare
 from dnnlab.train import run_task
-from dnnlab.trainer import set_rates
 from dnnlab.ui import console
 
 log = logging.getLogger("dnnlab")

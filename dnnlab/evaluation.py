@@ -26,9 +26,9 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from dnnlab import checkpoint, validate
 from dnnlab.errors import ArgumentParser, DnnlabError, at_least
+from dnnlab.prepare import pick_device
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
-from dnnlab.prepare import pick_device
 from dnnlab.trained import load_trained, logits_of, split
 from dnnlab.ui import console, error
 

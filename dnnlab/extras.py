@@ -25,12 +25,16 @@ def missing(modules: tuple[str, ...]) -> str | None:
     return None
 
 
+def needs(extra: str, module: str) -> str:
+    """What dnnlab says, after the part that needs it, when an optional package is not installed."""
+    return f"needs dnnlab's optional packages '{extra}' ({module} is not installed): pip install 'dnnlab[{extra}]'"
+
+
 def need(what: str, modules: tuple[str, ...], extra: str) -> None:
     """Refuse `what` in one line when a module it needs is not installed."""
     module = missing(modules)
     if module:
-        raise DnnlabError(f"{what} needs dnnlab's optional packages '{extra}' ({module} is not installed): "
-                          f"pip install 'dnnlab[{extra}]'")
+        raise DnnlabError(f"{what} {needs(extra, module)}")
 
 
 def check(hydra) -> None:

@@ -30,16 +30,16 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from dnnlab import checkpoint, validate
+from dnnlab import checkpoint, extras, validate
 from dnnlab.errors import ArgumentParser, DnnlabError, at_least
+from dnnlab.prepare import pick_device
 from dnnlab.record import write_json
 from dnnlab.runs import write_table
-from dnnlab.prepare import pick_device
 from dnnlab.trained import load_trained, logits_of
 from dnnlab.ui import console, error
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-NEEDS_TORCHAO = "needs dnnlab's optional packages 'int8' (torchao is not installed): pip install 'dnnlab[int8]'"
+NEEDS_TORCHAO = extras.needs("int8", "torchao")
 
 
 @contextmanager

@@ -31,12 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from dnnlab import CONF_DIR, hydra_files, transfer
+from dnnlab.bookkeeping import steps_per_epoch
 from dnnlab.checkpoint import atomic_write
 from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.optim import GradientRules, build_optimizer
-from dnnlab.record import environment, pyplot, save_figure, write_json
-from dnnlab.bookkeeping import steps_per_epoch
 from dnnlab.prepare import prepare
+from dnnlab.record import environment, pyplot, save_figure, write_json
 from dnnlab.train import run_task
 from dnnlab.ui import console
 

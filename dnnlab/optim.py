@@ -183,6 +183,16 @@ def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
             group["momentum"] = momentum
 
 
+def set_rates(optimizer: torch.optim.Optimizer, schedule, step: int) -> float:
+    """The schedule's learning rate (and momentum, for 1cycle) at `step`, into every parameter group; the rate."""
+    lr, momentum = schedule.lr(step), schedule.momentum(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if momentum is not None:
+        set_momentum(optimizer, momentum)
+    return lr
+
+
 class GradientRules:
     """Penalties, clipping and max-norm: applied between backward() and step() (and after step for max-norm).
 

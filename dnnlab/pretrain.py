@@ -25,8 +25,8 @@ from dnnlab.components import make
 from dnnlab.errors import bad_value
 from dnnlab.model import widths
 from dnnlab.optim import build_optimizer
-from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
 from dnnlab.prepare import prepare
+from dnnlab.record import Recorder, environment, plot_learning_curves, write_json
 from dnnlab.train import run_task
 from dnnlab.ui import Progress, print_summary
 

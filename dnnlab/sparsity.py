@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from dnnlab import checkpoint, validate
 from dnnlab.errors import ArgumentParser, DnnlabError
+from dnnlab.prepare import pick_device
 from dnnlab.record import pyplot, save_figure, write_json
 from dnnlab.runs import write_table
-from dnnlab.prepare import pick_device
 from dnnlab.trained import load_trained, logits_of, weight_matrices
 from dnnlab.ui import console, error
 

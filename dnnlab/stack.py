@@ -18,7 +18,7 @@ from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
 from dnnlab.model import dropout_spec
-from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_momentum
+from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_rates
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
@@ -400,14 +400,7 @@ class Stepper:
 
 def set_lr(jobs: list[Job], optimizers, schedules, step: int) -> None:
     for job, opt in zip(jobs, optimizers):
-        schedule = schedules[job.index]
-        lr = schedule.lr(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        momentum = schedule.momentum(step)
-        if momentum is not None:
-            set_momentum(opt, momentum)
-        job.lr = lr
+        job.lr = set_rates(opt, schedules[job.index], step)
 
 
 @torch.no_grad()

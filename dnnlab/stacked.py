@@ -59,11 +59,11 @@ from dnnlab import activations, checkpoint, memory, native, validate
 from dnnlab.bookkeeping import checkpoint_state, end_epoch, evaluate, steps_per_epoch, summary_fields
 from dnnlab.data import load
 from dnnlab.model import build_mlp, widths
+from dnnlab.prepare import native_plan, pick_device, restrict, seed_everything
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.stack import Dropout, Job, Rules, Stack, StateView, Stepper, activation_fn, evaluate_stack, set_lr
 from dnnlab.threads import ThreadTuner
-from dnnlab.prepare import native_plan, pick_device, restrict, seed_everything
 
 log = logging.getLogger("dnnlab")
 

@@ -22,7 +22,7 @@ from dnnlab.data import Splits
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
 from dnnlab.model import flat_forward
-from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_momentum
+from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_rates
 from dnnlab.prepare import core_share, native_plan, prepare
 from dnnlab.record import Recorder, environment, read_metrics, write_json
 from dnnlab.schedule import build_schedule
@@ -48,16 +48,6 @@ class Interrupted(Exception):
     def __init__(self, position: dict):
         super().__init__("interrupted")
         self.position = position
-
-
-def set_rates(optimizer, schedule, step: int) -> float:
-    """The schedule's learning rate (and momentum, for 1cycle) at `step`, into every parameter group."""
-    lr, momentum = schedule.lr(step), schedule.momentum(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if momentum is not None:
-        set_momentum(optimizer, momentum)
-    return lr
 
 
 def choose_step(net, x_all, y_all, loss_sum, correct, optimizer, optimizer_step, rules, autocast, diag,
