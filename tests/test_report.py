@@ -24,7 +24,7 @@ import pytest
 import yaml
 from optuna.storages.journal import JournalFileBackend
 
-from dnnlab import report as report_module
+from dnnlab import report_plots
 from dnnlab.record import COLUMNS, read_metrics
 from dnnlab.report import MAX_LEGEND, main, report
 from dnnlab.train import train
@@ -256,13 +256,13 @@ def test_many_runs_keep_the_plots_legible(tmp_path, monkeypatch):
         fake_run(tmp_path / str(i), [f"optimizer.lr={i / 1000}"], [acc - 0.1 + e / 500 for e in range(60)],
                  {"test_acc": acc})
     figures = {}
-    real_save = report_module.save_figure
+    real_save = report_plots.save_figure
 
     def spy(fig, path, **kwargs):
         figures[Path(path).name] = (fig.axes[0].get_legend(), fig.axes[0].get_yticklabels())
         real_save(fig, path, **kwargs)
 
-    monkeypatch.setattr(report_module, "save_figure", spy)
+    monkeypatch.setattr(report_plots, "save_figure", spy)
     report(tmp_path)
     legend = [t.get_text() for t in figures["val_curves.png"][0].get_texts()]
     assert len(legend) == MAX_LEGEND + 1 and legend[-1] == f"{30 - MAX_LEGEND} more runs"
@@ -279,7 +279,7 @@ def test_long_plot_labels_wrap_and_keep_the_status(tmp_path, monkeypatch):
         fake_run(tmp_path / str(i), [f"{k}={i}" for k in keys], [0.5 + i / 10],
                  {"test_acc": 0.5, **({"status": "failed"} if i == 0 else {})})
     labels = {}
-    real_save = report_module.save_figure
+    real_save = report_plots.save_figure
 
     def spy(fig, path, **kwargs):
         ax = fig.axes[0]
@@ -287,7 +287,7 @@ def test_long_plot_labels_wrap_and_keep_the_status(tmp_path, monkeypatch):
         labels[Path(path).name] = [t.get_text() for t in texts]
         real_save(fig, path, **kwargs)
 
-    monkeypatch.setattr(report_module, "save_figure", spy)
+    monkeypatch.setattr(report_plots, "save_figure", spy)
     report(tmp_path)
     failed = ", ".join(f"{k}=0" for k in keys) + " [failed]"
     assert labels["val_curves.png"][-1].replace("\n", " ") == failed  # every override, on lines, and the status
