@@ -1,6 +1,7 @@
 """Optimizer factory, and everything the trainer does to gradients and weights around optimizer.step()."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -193,42 +194,78 @@ def set_rates(optimizer: torch.optim.Optimizer, schedule, step: int) -> float:
     return lr
 
 
-class GradientRules:
-    """Penalties, clipping and max-norm: applied between backward() and step() (and after step for max-norm).
+class JobRules:
+    """L1/L2 penalties, gradient clipping and max-norm for J jobs at once, each with its own strengths (one job: J=1).
+    Every tensor carries the jobs in its first dimension; kernels are laid out (jobs, fan_in, fan_out), so a column
+    holds one neuron's incoming weights. Applied between backward() and the update (and max-norm after it).
 
     L1/L2 are added to the gradients directly (2*l2*w and l1*sign(w)), which equals differentiating
     l1*sum|w| + l2*sum(w^2) but costs no extra autograd graph. Reported losses are therefore the data loss
-    (cross-entropy) alone, comparable between training and validation.
-    """
+    (cross-entropy) alone, comparable between training and validation. Clipping computes what
+    nn.utils.clip_grad_value_ and clip_grad_norm_ do, max-norm what torch.renorm does, each job on its own."""
 
-    def __init__(self, model: nn.Module, reg: DictConfig, opt_cfg: DictConfig):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.kernels = [w for w in weight_matrices(model) if w.requires_grad]
-        self.l1, self.l2 = float(reg.get("l1", 0.0)), float(reg.get("l2", 0.0))
-        self.clip_value, self.clip_norm = opt_cfg.clip_value, opt_cfg.clip_norm
-        self.max_norm = reg.get("max_norm")
-        self.constrained = [m.weight for m in hidden_linears(model) if m.weight.requires_grad]
+    def __init__(self, regs: list[DictConfig], clips: list[DictConfig], device):
+        def column(values, default):
+            if all(v is None or v == default for v in values):
+                return None
+            return torch.tensor([default if v is None else float(v) for v in values], device=device)
 
-    @property
-    def change_gradients(self) -> bool:
-        """Whether before_step does anything (then the optimizer's update cannot follow the backward pass at once)."""
-        return bool(self.l2 or self.l1 or self.clip_value is not None or self.clip_norm is not None)
+        self.l1 = column([r.get("l1", 0.0) for r in regs], 0.0)
+        self.l2 = column([r.get("l2", 0.0) for r in regs], 0.0)
+        self.clip_value = column([c.get("clip_value") for c in clips], math.inf)
+        self.clip_norm = column([c.get("clip_norm") for c in clips], math.inf)
+        self.max_norm = column([r.get("max_norm") for r in regs], math.inf)
+        self.change_gradients = any(c is not None for c in (self.l1, self.l2, self.clip_value, self.clip_norm))
 
-    def before_step(self) -> None:
-        if not self.change_gradients:
-            return
-        with torch.no_grad():  # the penalties change the gradients in place; autograd must not record that
-            if self.l2:
-                torch._foreach_add_([w.grad for w in self.kernels], self.kernels, alpha=2 * self.l2)
-            if self.l1:
-                torch._foreach_add_([w.grad for w in self.kernels], torch._foreach_sign(self.kernels), alpha=self.l1)
-            if self.clip_value is not None:
-                nn.utils.clip_grad_value_(self.params, self.clip_value, foreach=True)
-            if self.clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.params, self.clip_norm, foreach=True)
+    @torch.no_grad()  # the penalties change the gradients in place; autograd must not record that
+    def before_step(self, kernels: list[torch.Tensor], kernel_grads: list[torch.Tensor], grads: list[torch.Tensor]
+                    ) -> None:
+        """kernels and their gradients; grads: every trainable tensor's gradient (what clipping sees)."""
+        for strength, term, factor in ((self.l2, lambda w: w, 2.0), (self.l1, torch.sign, 1.0)):
+            if strength is not None:
+                for w, g in zip(kernels, kernel_grads):
+                    g.addcmul_(term(w), strength.view(-1, 1, 1), value=factor)
+        if self.clip_value is not None:
+            for g in grads:
+                c = self.clip_value.view(-1, *[1] * (g.dim() - 1))
+                torch.clamp(g, -c, c, out=g)
+        if self.clip_norm is not None:  # scale by clip_norm / (global norm + 1e-6), at most 1
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+            coef = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 
     @torch.no_grad()
+    def after_step(self, hidden_kernels: list[torch.Tensor]) -> None:
+        """Each hidden neuron's incoming weights (a column) rescaled to norm <= max_norm, as torch.renorm does."""
+        if self.max_norm is None:
+            return
+        r = self.max_norm.view(-1, 1, 1)
+        for w in hidden_kernels:
+            norm = w.norm(dim=1, keepdim=True)
+            w.mul_(torch.where(norm > r, r / (norm + 1e-7), torch.ones_like(norm)))
+
+
+def as_job(t: torch.Tensor) -> torch.Tensor:
+    """A torch kernel (fan_out, fan_in) or any other tensor seen as one job of a stack: (1, fan_in, fan_out)."""
+    return (t.t() if t.dim() == 2 else t).unsqueeze(0)
+
+
+class GradientRules:
+    """JobRules for one torch model, its tensors seen as a stack of one job (views: the rules change them in
+    place). The views are taken at each step: backward() makes fresh gradients."""
+
+    def __init__(self, model: nn.Module, reg: DictConfig, clip: DictConfig):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.kernels = [w for w in weight_matrices(model) if w.requires_grad]
+        self.constrained = [m.weight for m in hidden_linears(model) if m.weight.requires_grad]
+        self.rules = JobRules([reg], [clip], self.params[0].device if self.params else "cpu")
+        self.change_gradients = self.rules.change_gradients
+
+    def before_step(self) -> None:
+        if self.change_gradients:
+            self.rules.before_step([as_job(w.detach()) for w in self.kernels], [as_job(w.grad) for w in self.kernels],
+                                   [as_job(p.grad) for p in self.params if p.grad is not None])
+
     def after_step(self) -> None:
-        if self.max_norm is not None:  # each neuron's incoming weights (a row of the torch kernel) to norm <= r
-            for w in self.constrained:
-                w.copy_(torch.renorm(w, 2, 0, self.max_norm))
+        self.rules.after_step([as_job(w.detach()) for w in self.constrained])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import operator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
 from dnnlab.model import dropout_spec
-from dnnlab.optim import build_optimizer, fusable, fused_adam_, set_rates
+from dnnlab.optim import JobRules, build_optimizer, fusable, fused_adam_, set_rates
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
@@ -174,6 +173,13 @@ class Stack:
                     h = dropout(i + 1, h)
         return h
 
+    def apply_rules(self, rules: JobRules, after: bool = False) -> None:
+        """rules.before_step on every job's gradients, or (after the update) rules.after_step on the hidden kernels."""
+        if after:
+            rules.after_step([w.detach() for w in self.weights[:-1]])
+        else:
+            rules.before_step([w.detach() for w in self.weights], self.grad_w, self.grads())
+
     def native_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor, dropout: Dropout,
                     loss_sum: torch.Tensor, correct: torch.Tensor, update: tuple[list, list] | None = None
                     ) -> list[float]:
@@ -209,51 +215,9 @@ class Stack:
 
 # --------------------------------------------------------------------------------------------------- the training
 
-class Rules:
-    """Per-job L1/L2, clipping and max-norm as stacked tensors, rebuilt when the stack shrinks."""
-
-    def __init__(self, jobs: list[Job], device):
-        def column(values, default):
-            if all(v is None or v == default for v in values):
-                return None
-            return torch.tensor([default if v is None else float(v) for v in values], device=device)
-
-        regs = [j.cfg.regularizer for j in jobs]
-        opts = [j.cfg.optimizer for j in jobs]
-        self.l1 = column([r.get("l1", 0.0) for r in regs], 0.0)
-        self.l2 = column([2 * r.get("l2", 0.0) for r in regs], 0.0)
-        self.clip_value = column([o.get("clip_value") for o in opts], math.inf)
-        self.clip_norm = column([o.get("clip_norm") for o in opts], math.inf)
-        self.max_norm = column([r.get("max_norm") for r in regs], math.inf)
-        self.change_gradients = any(c is not None for c in (self.l1, self.l2, self.clip_value, self.clip_norm))
-
-    def before_step(self, stack: Stack) -> None:
-        weights = stack.grad_w
-        if self.l2 is not None:
-            for w, g in zip(stack.weights, weights):
-                g.addcmul_(w.detach(), self.l2.view(-1, 1, 1))
-        if self.l1 is not None:
-            for w, g in zip(stack.weights, weights):
-                g.addcmul_(torch.sign(w.detach()), self.l1.view(-1, 1, 1))
-        grads = stack.grads()
-        if self.clip_value is not None:
-            for g in grads:
-                c = self.clip_value.view(-1, *[1] * (g.dim() - 1))
-                torch.clamp(g, -c, c, out=g)
-        if self.clip_norm is not None:  # clip_grad_norm_: scale by max_norm / (total_norm + 1e-6), at most 1
-            norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
-            coef = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
-
-    @torch.no_grad()
-    def after_step(self, stack: Stack) -> None:
-        if self.max_norm is None:
-            return
-        r = self.max_norm.view(-1, 1, 1)
-        for w in stack.weights[:-1]:  # hidden layers: each neuron's incoming weights (a column here) to norm <= r
-            norm = w.norm(dim=1, keepdim=True)
-            w.mul_(torch.where(norm > r, r / (norm + 1e-7), torch.ones_like(norm)))
+def job_rules(jobs: list[Job], device) -> JobRules:
+    """Each job's own L1/L2, clipping and max-norm, as columns over the stack (rebuilt when the stack shrinks)."""
+    return JobRules([j.cfg.regularizer for j in jobs], [j.cfg.optimizer for j in jobs], device)
 
 
 class Dropout:

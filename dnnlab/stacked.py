@@ -62,7 +62,8 @@ from dnnlab.model import build_mlp, widths
 from dnnlab.prepare import native_plan, pick_device, restrict, seed_everything
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
-from dnnlab.stack import Dropout, Job, Rules, Stack, StateView, Stepper, activation_fn, evaluate_stack, set_lr
+from dnnlab.stack import (Dropout, Job, Stack, StateView, Stepper, activation_fn, evaluate_stack, job_rules,
+                          set_lr)
 from dnnlab.threads import ThreadTuner
 
 log = logging.getLogger("dnnlab")
@@ -216,7 +217,7 @@ class _Group:
                            kernel and (kernel.activation, kernel.act_args))
         self.kernels = {2 * i for i in range(self.stack.n_layers)}  # positions of the weight matrices in parameters()
         self.stepper = Stepper(order, self.stack, self.device)
-        self.rules = Rules(order, self.device)
+        self.rules = job_rules(order, self.device)
         self.dropout = Dropout(order, [self.models[job.index] for job in order],
                                 [self.drop_generators[job.index] for job in order], n_hidden=self.stack.n_layers - 1)
 
@@ -242,7 +243,7 @@ class _Group:
         self.stack.keep(positions)
         self.stepper.keep(positions, self.stack.jobs, self.stack)
         self.dropout.keep(positions)
-        self.rules = Rules(self.stack.jobs, self.device)
+        self.rules = job_rules(self.stack.jobs, self.device)
 
     def train_step(self, idx: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor):
         """One step of every job in the stack: their losses (a list from the C++ step, else a tensor)."""
@@ -264,9 +265,9 @@ class _Group:
             loss_sum += losses.detach() * b
             correct += (logits.argmax(-1) == y).sum(1)
         if update is None:
-            self.rules.before_step(self.stack)
+            self.stack.apply_rules(self.rules)
             self.stepper.step(self.stack)
-        self.rules.after_step(self.stack)
+        self.stack.apply_rules(self.rules, after=True)
         self.step += 1
         return losses
 
