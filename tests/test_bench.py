@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dnnlab import bench
+from dnnlab import bench_speed, bench_sweeps, bench_workers
 from tests.conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
     stacked = report["stacked"]["rows"]
     assert [r["jobs"] for r in stacked] == [1, 2] and stacked[1]["note"].startswith("2 jobs in one stack")
     launchers = report["launchers"]["rows"]
-    assert [r["launcher"] for r in launchers] == list(bench.LAUNCHERS) and report["launchers"]["jobs"] == 2
+    assert [r["launcher"] for r in launchers] == list(bench_sweeps.LAUNCHERS) and report["launchers"]["jobs"] == 2
     assert all(isinstance(r["wall s"], float) for r in launchers), launchers
     assert launchers[0]["max val_acc gap to alone, pp"] == 0  # the basic launcher against itself
     assert launchers[1]["max val_acc gap to alone, pp"] == 0  # joblib runs each job as alone
@@ -60,9 +60,9 @@ def test_quick_benchmark_runs_end_to_end_and_writes_json_and_markdown(data_root,
 def test_flops_per_epoch_counts_forward_and_both_gradients():
     macs = 784 * 100 + 4 * 100 * 100 + 100 * 5
     first = 784 * 100
-    assert bench.flops_per_epoch(1, 0) == 6 * macs - 2 * first  # no input gradient for the images
-    assert bench.flops_per_epoch(0, 1) == 2 * macs
-    assert 15e9 < bench.flops_per_epoch(27457, 2543) < 17e9
+    assert bench_speed.flops_per_epoch(1, 0) == 6 * macs - 2 * first  # no input gradient for the images
+    assert bench_speed.flops_per_epoch(0, 1) == 2 * macs
+    assert 15e9 < bench_speed.flops_per_epoch(27457, 2543) < 17e9
 
 
 def test_the_peers_train_on_the_same_images_as_dnnlab(data_root, monkeypatch):
@@ -72,8 +72,8 @@ def test_the_peers_train_on_the_same_images_as_dnnlab(data_root, monkeypatch):
     monkeypatch.delenv("DNNLAB_DATA", raising=False)
     cfg = compose_config([f"data.root={data_root}", "data.classes=[0,1,2,3,4]", "data.val_size=100"])
     data = load(cfg.data, torch.device("cpu"))
-    x, y = bench.read_raw(bench.fashion_folder(data_root), "train")
-    train, val = bench.split_indices(y, 100)
+    x, y = bench_workers.read_raw(bench_workers.fashion_folder(data_root), "train")
+    train, val = bench_workers.split_indices(y, 100)
     assert np.array_equal(y[train], data.y_train.numpy()) and np.array_equal(y[val], data.y_val.numpy())
     assert torch.equal(torch.from_numpy(x[train].astype(np.float32) / 255), data.x_train)
 
@@ -81,17 +81,17 @@ def test_the_peers_train_on_the_same_images_as_dnnlab(data_root, monkeypatch):
 def test_torchvision_reads_the_decompressed_copy(data_root, tmp_path):
     from torchvision import datasets
 
-    root = bench.torchvision_root(data_root, tmp_path)
+    root = bench_speed.torchvision_root(data_root, tmp_path)
     dataset = datasets.FashionMNIST(str(root), train=True, download=False)
     assert len(dataset) == 600
 
 
-@pytest.mark.skipif(bench.keras_python(type("A", (), {"no_keras": False, "keras_python": None})()) is None,
+@pytest.mark.skipif(bench_speed.keras_python(type("A", (), {"no_keras": False, "keras_python": None})()) is None,
                     reason="no Python with Keras here (see dnnlab bench --help)")
 def test_keras_worker_trains_the_same_network(data_root):
-    python = bench.keras_python(type("A", (), {"no_keras": False, "keras_python": None})())
-    result = bench.spawn(python, "keras", ["--data-root", str(data_root), "--val-size", "100", "--epochs", "2"],
-                         timeout=HANG_S)
+    python = bench_speed.keras_python(type("A", (), {"no_keras": False, "keras_python": None})())
+    result = bench_workers.spawn(python, "keras", ["--data-root", str(data_root), "--val-size", "100", "--epochs", "2"],
+                                 timeout=HANG_S)
     assert "error" not in result, result
     assert len(result["epoch_seconds"]) == 2 and result["n_train"] == 245 and result["peak_rss_mb"] > 0
 
