@@ -25,6 +25,20 @@ def dropout_spec(reg: DictConfig):
     return None
 
 
+def dropout_rates(reg: DictConfig, n_hidden: int) -> list[float]:
+    """Where dropout goes: its rate at each position, 0 the inputs and i the output of hidden layer i (the top
+    top_k hidden layers, all by default, and the inputs with input=true)."""
+    rates = [0.0] * (n_hidden + 1)
+    spec = dropout_spec(reg)
+    if spec:
+        s = spec[1]
+        rates[0] = s.rate if s.input else 0.0
+        top_k = n_hidden if s.top_k is None else s.top_k
+        for i in range(max(n_hidden - top_k, 0), n_hidden):
+            rates[i + 1] = s.rate
+    return rates
+
+
 def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
     """Named blocks, so layers can be reused by name (transfer learning):
     input: Flatten [-> BN] [-> dropout];  hidden1..N: Linear -> (norm) -> act -> (norm) [-> dropout];  output: Linear.
@@ -32,7 +46,7 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
     norm, hidden = cfg.norm, widths(cfg.model)
     make_act = make(cfg.activation, "activation")
     drop = dropout_spec(cfg.regularizer)
-    first_dropped = len(hidden) - (drop[1].top_k if drop and drop[1].top_k is not None else len(hidden))
+    rates = dropout_rates(cfg.regularizer, len(hidden))
     norm_layer = {"batch": partial(nn.BatchNorm1d, momentum=norm.get("momentum")), "layer": nn.LayerNorm}.get(norm.kind)
     before = norm_layer is not None and norm.position == "before"
     bias = not (before and norm.kind == "batch")  # BN's shift makes the bias redundant; LayerNorm's does not
@@ -40,8 +54,8 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
     stem: list[nn.Module] = [nn.Flatten()]
     if norm.input:
         stem.append(nn.BatchNorm1d(IN_FEATURES, momentum=norm.momentum, eps=norm.eps))
-    if drop and drop[1].input:
-        stem.append(drop[0](drop[1].rate))
+    if rates[0]:
+        stem.append(drop[0](rates[0]))
     blocks, n_in = {"input": nn.Sequential(*stem)}, IN_FEATURES
     for i, width in enumerate(hidden):
         linear = nn.Linear(n_in, width, bias=bias)
@@ -49,8 +63,8 @@ def build_mlp(cfg: DictConfig, n_classes: int) -> nn.Sequential:
         block = [linear, act]
         if norm_layer is not None:
             block.insert(1 if before else 2, norm_layer(width, eps=norm.eps))
-        if drop and i >= first_dropped:
-            block.append(drop[0](drop[1].rate))
+        if rates[i + 1]:
+            block.append(drop[0](rates[i + 1]))
         blocks[f"hidden{i + 1}"] = nn.Sequential(*block)
         n_in = width
     out = blocks["output"] = nn.Linear(n_in, n_classes)

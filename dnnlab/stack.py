@@ -16,7 +16,7 @@ from torch import nn
 from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
-from dnnlab.model import dropout_spec
+from dnnlab.model import dropout_rates
 from dnnlab.optim import JobRules, build_optimizer, fusable, fused_adam_, set_rates
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
@@ -223,18 +223,8 @@ def job_rules(jobs: list[Job], device) -> JobRules:
 class Dropout:
     """Per-job dropout masks at each position (0: the inputs, i: after hidden layer i), from per-job generators."""
 
-    def __init__(self, jobs: list[Job], models: list[nn.Sequential], generators, n_hidden: int):
-        self.rates = []  # rates[k][position]
-        for job, model in zip(jobs, models):
-            spec = dropout_spec(job.cfg.regularizer)
-            rates = [0.0] * (n_hidden + 1)
-            if spec:
-                first = n_hidden - (spec[1].top_k if spec[1].top_k is not None else n_hidden)
-                if spec[1].input:
-                    rates[0] = spec[1].rate
-                for i in range(max(first, 0), n_hidden):
-                    rates[i + 1] = spec[1].rate
-            self.rates.append(rates)
+    def __init__(self, jobs: list[Job], generators, n_hidden: int):
+        self.rates = [dropout_rates(job.cfg.regularizer, n_hidden) for job in jobs]  # rates[k][position]
         self.generators = list(generators)
         self.any = any(r for rates in self.rates for r in rates)
 

@@ -32,8 +32,9 @@ diagnostics, resuming, a different network shape, data or batch size) are told a
 
 The step: on the CPU, every job's forward pass, loss and backward pass (and, for Adam without penalties or
 clipping, its update) run in one C++ call (dnnlab::stack_step, see dnnlab/native.py), which hands the jobs to the
-threads one at a time, each job on one thread with the kernels a single job uses; elsewhere (CUDA, bf16, trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per
-layer runs all J networks at once under autograd.
+threads one at a time, each job on one thread with the kernels a single job uses; elsewhere (CUDA, bf16,
+trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per layer runs all J networks at once
+under autograd.
 
 Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
 J x batch x widest layer > 8192 on. With the C++ step, whose numbers do not depend on the thread count (tested), it
@@ -218,8 +219,8 @@ class _Group:
         self.kernels = {2 * i for i in range(self.stack.n_layers)}  # positions of the weight matrices in parameters()
         self.stepper = Stepper(order, self.stack, self.device)
         self.rules = job_rules(order, self.device)
-        self.dropout = Dropout(order, [self.models[job.index] for job in order],
-                                [self.drop_generators[job.index] for job in order], n_hidden=self.stack.n_layers - 1)
+        self.dropout = Dropout(order, [self.drop_generators[job.index] for job in order],
+                               n_hidden=self.stack.n_layers - 1)
 
     def save(self, job: Job, k: int, name: str, epoch: int, model_state: dict) -> None:
         """The job's checkpoint as `dnnlab train` writes it: its own network, optimizer and schedule state, and what
