@@ -44,6 +44,14 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> Non
            grad_scale=None, found_inf=None)
 
 
+def adam_settings(group: dict) -> list[float]:
+    """The flat-Adam contract with the C++ step (dnnlab/csrc/mlp_step.cpp, `hyperparameters`): a param group's
+    lr, beta1, beta2, weight_decay, eps, decoupled (AdamW), maximize as they are at this step, in this order."""
+    beta1, beta2 = group["betas"]
+    return [float(v) for v in (group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                               bool(group.get("decoupled_weight_decay")), group["maximize"])]
+
+
 def span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The flat tensor that `tensors` tile (contiguous, one after another in one storage, in this order), or None."""
     first = tensors[0]
@@ -134,11 +142,7 @@ class DirectStep:
         return [params, grads, exp_avg, exp_avg_sq, counts]
 
     def hyperparameters(self) -> list[float]:
-        """lr, beta1, beta2, weight_decay, eps, decoupled (AdamW), maximize: the group's, as they are now."""
-        g = self.group
-        beta1, beta2 = g["betas"]
-        return [float(v) for v in (g["lr"], beta1, beta2, g["weight_decay"], g["eps"],
-                                   bool(g.get("decoupled_weight_decay")), g["maximize"])]
+        return adam_settings(self.group)
 
     def threads(self) -> int:
         """The threads of the next flat update (the tuner's choice, else torch's); `done` follows the update."""

@@ -17,7 +17,7 @@ from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
 from dnnlab.model import dropout_rates
-from dnnlab.optim import JobRules, build_optimizer, fusable, fused_adam_, set_rates
+from dnnlab.optim import JobRules, adam_settings, build_optimizer, fusable, fused_adam_, set_rates
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
@@ -307,12 +307,8 @@ class Stepper:
         if not self.slab:
             return None
         exp_avgs, exp_avg_sqs, step = self.slab
-        adam = []
-        for opt in self.optimizers:
-            g = opt.param_groups[0]
-            adam += [g["lr"], *g["betas"], g["weight_decay"], g["eps"], bool(g.get("decoupled_weight_decay")),
-                     g["maximize"]]
-        return [self.flat_params, self.flat_grads, exp_avgs, exp_avg_sqs, step], [float(v) for v in adam]
+        adam = [v for opt in self.optimizers for v in adam_settings(opt.param_groups[0])]
+        return [self.flat_params, self.flat_grads, exp_avgs, exp_avg_sqs, step], adam
 
     def step(self, stack: Stack) -> None:
         if self.slab is None:
@@ -328,8 +324,7 @@ class Stepper:
         exp_avgs, exp_avg_sqs, step = self.slab
         step.add_(1)
         groups = [opt.param_groups[0] for opt in self.optimizers]
-        keys = [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g.get("decoupled_weight_decay", False),
-                 g["maximize"]) for g in groups]
+        keys = [adam_settings(g) for g in groups]
         n, a = len(groups), 0
         while a < n:  # runs of adjacent jobs with the same hyperparameters: one kernel call each
             b = a + 1
