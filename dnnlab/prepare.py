@@ -24,13 +24,17 @@ def core_share(parallel_jobs: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // parallel_jobs)
 
 
-def pick_threads(setting, cfg: DictConfig, parallel_jobs: int = 1) -> int:
-    """CPU threads for this job: its share of the cores, and just one for small batches of small networks, where
-    splitting a 32x100 matmul costs more than it saves."""
+def pick_threads(setting, cfg: DictConfig, parallel_jobs: int = 1, stacked: int = 1) -> int:
+    """CPU threads for a job, or for a stack of `stacked` jobs: its share of the cores where splitting the work pays,
+    else one. A job splits each matrix product between the threads, which costs more than it saves up to a batch
+    times the widest layer of 256 x 512 (a 32x100 product is split in vain). A stack's C++ step gives each thread
+    whole jobs, which pays from three default networks on (stacked x batch x widest > 8192); with threads=auto,
+    dnnlab.threads.ThreadTuner then checks that choice against one thread on the first epoch's steps."""
     if setting != "auto":
         return setting
-    widest = max(widths(cfg.model), default=1)
-    return 1 if cfg.trainer.batch_size * widest <= 256 * 512 else core_share(parallel_jobs)
+    per_job = cfg.trainer.batch_size * max(widths(cfg.model), default=1)
+    pays = stacked * per_job > 8192 if stacked > 1 else per_job > 256 * 512
+    return core_share(parallel_jobs) if pays else 1
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -37,9 +37,9 @@ trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) 
 under autograd.
 
 Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
-J x batch x widest layer > 8192 on. With the C++ step, whose numbers do not depend on the thread count (tested), it
-then checks that choice against one thread at the start of every epoch (dnnlab.threads.ThreadTuner): on a machine
-where another program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the
+J x batch x widest layer > 8192 on (dnnlab.prepare.pick_threads). With the C++ step, whose numbers do not depend on
+the thread count (tested), it then checks that choice against one thread at the start of every epoch
+(dnnlab.threads.ThreadTuner): on a machine where another program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the
 device and the host reads them once per epoch.
 """
 from __future__ import annotations
@@ -59,8 +59,8 @@ from torch import nn
 from dnnlab import activations, checkpoint, memory, native, validate
 from dnnlab.bookkeeping import checkpoint_state, end_epoch, evaluate, steps_per_epoch, summary_fields
 from dnnlab.data import load
-from dnnlab.model import build_mlp, widths
-from dnnlab.prepare import native_plan, pick_device, restrict, seed_everything
+from dnnlab.model import build_mlp
+from dnnlab.prepare import native_plan, pick_device, pick_threads, restrict, seed_everything
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.stack import (Dropout, Job, Stack, StateView, Stepper, activation_fn, evaluate_stack, job_rules,
@@ -133,19 +133,6 @@ def plan(cfgs: list[DictConfig], max_group: int | None = None, min_group: int = 
     return sorted(out, key=lambda g: g[0])
 
 
-def pick_stack_threads(setting, cfg: DictConfig, n_jobs: int) -> int:
-    """Threads for a stack: like `dnnlab.prepare.pick_threads`, but a stack's matrix products are n_jobs times larger,
-    so all cores pay off much sooner: from n_jobs x batch x widest layer > 8192 (three default networks). With
-    threads=auto, ThreadTuner then checks the choice against one thread on the first epoch's steps."""
-    import os
-
-    if setting != "auto":
-        return setting
-    widest = max(widths(cfg.model), default=1)
-    cores = len(os.sched_getaffinity(0))
-    return 1 if n_jobs * cfg.trainer.batch_size * widest <= 8192 else cores
-
-
 # ------------------------------------------------------------------------------------------------- the stacked net
 
 def check_group(cfgs: list[DictConfig]) -> None:
@@ -167,7 +154,7 @@ class _Group:
         t = first.trainer
         self.device = device = pick_device(t.device)
         memory.check_fits(first, device, len(first.data.classes or range(10)), copies=len(cfgs))
-        self.threads = pick_stack_threads(t.threads, first, len(cfgs))
+        self.threads = pick_threads(t.threads, first, stacked=len(cfgs))
         torch.set_num_threads(self.threads)
         seed_everything(t.seed, t.deterministic)
         self.data = data = load(first.data, device)

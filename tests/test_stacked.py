@@ -377,7 +377,7 @@ def test_native_stack_numbers_do_not_depend_on_the_thread_count(make_cfg, tmp_pa
     group("warm-up", "trainer.threads=2")  # a worker thread's very first step may round differently
     fixed = group("two", "trainer.threads=2")
     assert group("two again", "trainer.threads=2") == fixed
-    monkeypatch.setattr(stacked, "pick_stack_threads", lambda setting, cfg, n: 2)
+    monkeypatch.setattr(stacked, "pick_threads", lambda setting, cfg, stacked: 2)
     monkeypatch.setattr(stacked, "ThreadTuner", _Alternating)
     assert group("switching", "trainer.threads=auto") == fixed
     train_columns = lambda runs: [[(r["train_loss"], r["train_acc"]) for r in rows] for rows in runs]  # noqa: E731
