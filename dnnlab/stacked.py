@@ -1,47 +1,10 @@
-"""Stacked sweeps: jobs that share the network's shape train together, as one batched network.
-
-A sweep over learning rates, seeds, initialisations, optimizers, schedules, L1/L2/max-norm strengths, dropout
-rates or early-stopping settings leaves every weight matrix the same shape. Here the J jobs of such a group keep
-their weights stacked, layer by layer, in tensors of shape (J, fan_in, fan_out), and one training step runs all J
-networks at once: J mini-batches in, J sets of logits out, one backward pass (see "The step" below). What differs
-per job stays per job:
-
-- initialisation: `torch.manual_seed(seed)` then `build_mlp(cfg)` for each job, exactly as `dnnlab train` does, so
-  every job starts from the weights it would have alone (its init group, scale and seed);
-- data order: each job's own `torch.Generator` seeded with its seed draws its permutation every epoch;
-- dropout: each job's own generator continues from the global generator's state after its initialisation, and
-  draws each layer's mask with the same call (`bernoulli_`) that `nn.Dropout` makes on the CPU;
-- optimizer, learning rate and schedule: a real torch optimizer per job (`build_optimizer`) over that job's slices
-  of the stacked tensors, and the job's own closed-form schedule (`build_schedule`). Fused Adam/AdamW, the default,
-  runs as torch's fused kernel (the one `optimizer.step()` calls) over each run of adjacent jobs whose settings are
-  equal at that step, with the moment estimates stacked too;
-- L1/L2 penalties, gradient clipping (by value or by global norm) and max-norm: per-job strengths, applied to the
-  stacked gradients and weights in one operation each;
-- early stopping, epochs and checkpoints: per job. A job that stops (early stopping, its last epoch, or a
-  non-finite loss) is taken out of the stack; the others go on with smaller tensors.
-
-Each job's run directory gets what `dnnlab train` writes (metrics.csv, TensorBoard events, checkpoints/last.pt and
-best.pt holding that job's own, unstacked model and optimizer state, summary.json, environment.json,
-learning_curves.png), through the same functions (dnnlab.record, dnnlab.checkpoint). Its metrics equal those of the
-job run alone up to float rounding (batched and single matrix products may sum in a different order);
-tests/test_stacked.py checks this.
-
-Jobs that cannot be stacked (batch or layer norm, PReLU/RReLU, alpha dropout, transfer learning, Optuna trials,
-diagnostics, resuming, a different network shape, data or batch size) are told apart by `plan()`; the
-`hydra/launcher=stacked` launcher runs them one at a time through the normal trainer.
-
-The step: on the CPU, every job's forward pass, loss and backward pass (and, for Adam without penalties or
-clipping, its update) run in one C++ call (dnnlab::stack_step, see dnnlab/native.py), which hands the jobs to the
-threads one at a time, each job on one thread with the kernels a single job uses; elsewhere (CUDA, bf16,
-trainer.native=false, no compiler) one batched matrix product (`torch.baddbmm`) per layer runs all J networks at once
-under autograd.
-
-Threads: a stack does J times the work of one job, so `trainer.threads=auto` uses every core from
-J x batch x widest layer > 8192 on (dnnlab.prepare.pick_threads). With the C++ step, whose numbers do not depend on
-the thread count (tested), it then checks that choice against one thread at the start of every epoch
-(dnnlab.threads.ThreadTuner): on a machine where another program keeps a core busy, one thread is much faster. On CUDA the losses and accuracies stay on the
-device and the host reads them once per epoch.
-"""
+"""Stacked sweeps: jobs that share the network's shape train together, as one batched network (dnnlab.stack), each
+job keeping what it would have alone — its initial weights, data order, dropout masks, optimizer, schedule,
+penalties, clipping, max-norm, early stopping and checkpoints — and getting the run directory `dnnlab train` writes,
+through the same functions. docs/design.md ("The stacked launcher") tells the design: what stays per job, the
+step (the C++ stack step on the CPU, one `torch.baddbmm` per layer under autograd elsewhere), threads, and how
+far a job's metrics drift from the job trained alone. `plan()` tells the jobs that can be stacked from those that
+run one at a time through the normal trainer."""
 from __future__ import annotations
 
 import json
