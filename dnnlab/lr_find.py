@@ -26,7 +26,6 @@ import hydra
 import numpy as np
 import rich.progress as rp
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
@@ -37,6 +36,7 @@ from dnnlab.errors import DnnlabError, bad_value
 from dnnlab.optim import GradientRules, build_optimizer
 from dnnlab.prepare import prepare
 from dnnlab.record import environment, pyplot, save_figure, write_json
+from dnnlab.steps import batches, choose_step
 from dnnlab.train import run_task
 from dnnlab.ui import console
 
@@ -66,41 +66,28 @@ def range_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt_cfg
     restored exactly afterwards (also when the loss diverges or an exception flies)."""
     if not 0 < min_lr < max_lr:
         raise bad_value("lr_find.max_lr", max_lr, f"a number above lr_find.min_lr ({min_lr}), which must be > 0")
-    autocast = autocast or nullcontext()
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
     result = RangeTest(planned=steps)
-    n = len(x)
-    per_pass = max(1, steps_per_epoch(n, batch_size))
+    per_pass = max(1, steps_per_epoch(len(x), batch_size))
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(opt_cfg, trainable, x.device, lr=min_lr)
-        rules = GradientRules(model, reg_cfg, opt_cfg)
+        step = choose_step(model, x, y, optimizer, GradientRules(model, reg_cfg, opt_cfg), autocast=autocast)
         model.train()
         average, best = 0.0, math.inf
-        for t in range(steps):
-            i = t % per_pass
-            if i == 0:
-                perm = torch.randperm(n, device=x.device, generator=generator)
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+        for t, idx in batches(len(x), batch_size, per_pass, steps, generator, x.device):
             lr = min_lr * (max_lr / min_lr) ** (t / max(1, steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                logits = model(x[idx])
-            loss = F.cross_entropy(logits.float(), y[idx])
-            value = loss.item()
+            # the loss before this step's update; a non-finite one ends the test (the weights are restored below)
+            value = float(step(idx, t))
             result.lrs.append(lr)
             result.losses.append(value)
             if not math.isfinite(value):
                 result.smoothed.append(math.nan)
                 result.stopped = f"the loss is {value} at step {t} (lr {lr:.3g})"
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            rules.before_step()
-            optimizer.step()
-            rules.after_step()
             average = smoothing * average + (1 - smoothing) * value
             smooth = average / (1 - smoothing ** (t + 1))  # bias-corrected, as fastai
             result.smoothed.append(smooth)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import checkpoint, hydra_files, native, stored, transfer
@@ -21,11 +20,11 @@ from dnnlab.bookkeeping import (Diverged, EarlyStopping, checkpoint_state, end_e
 from dnnlab.data import Splits
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
-from dnnlab.model import flat_forward
-from dnnlab.optim import DirectStep, GradientRules, build_optimizer, direct_step, fusable, pack_parameters_, set_rates
+from dnnlab.optim import GradientRules, build_optimizer, fusable, pack_parameters_, set_rates
 from dnnlab.prepare import core_share, native_plan, prepare
 from dnnlab.record import Recorder, environment, read_metrics, write_json
 from dnnlab.schedule import build_schedule
+from dnnlab.steps import choose_step
 from dnnlab.threads import ThreadTuner
 from dnnlab.ui import Progress, print_summary
 
@@ -50,40 +49,6 @@ class Interrupted(Exception):
         self.position = position
 
 
-def choose_step(net, x_all, y_all, loss_sum, correct, optimizer, optimizer_step, rules, autocast, diag,
-                offset: int, plan: native.Plan | None):
-    """The training step, chosen once per epoch: the C++ step, or autograd (with diagnostics' hooks where they are
-    on). Each takes the batch's indices and the phase's step, adds the batch's loss and correct predictions to the
-    sums, leaves the gradients in .grad and returns (the loss, whether it also updated the parameters)."""
-    if plan:  # the C++ step also takes a flat fused update where nothing changes the gradients before it
-        fits = isinstance(optimizer_step, DirectStep) and not rules.change_gradients
-        update = optimizer_step if fits and native.update_in_step() else None  # (where it computes as torch does)
-        native_step = native.NativeStep(plan, x_all, y_all, loss_sum, correct, update)
-        return lambda idx, step: native_step(idx)
-    # the same results with less overhead per step; diagnostics arm forward hooks on the steps they sample
-    forward = net if diag else flat_forward(net) or net
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def autograd_step(idx, step):
-        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # 3x faster than x_all[idx] on the CPU
-        if diag:
-            diag.begin(offset + step)
-        with autocast:
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call profiler bookkeeping
-            p.grad = None
-        loss.backward()
-        if diag:
-            diag.before_step(offset + step)  # the plain loss gradient, before penalties and clipping
-        loss = loss.detach()
-        loss_sum.add_(loss * len(y))
-        correct.add_((logits.argmax(1) == y).sum())
-        return loss, False
-
-    return autograd_step
-
-
 def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules, schedule, step: int, generator,
                 autocast, progress, stop: threading.Event, position: dict | None = None, diag=None, offset: int = 0,
                 native_plan: native.Plan | None = None, tuner: ThreadTuner | None = None
@@ -93,11 +58,9 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     nothing there); on a GPU the host reads them once, at the end of the epoch, and never waits within it: a count
     of finite losses, kept on the device, then tells the step where the loss stopped being finite (non-finite
     weights keep it so).
-    `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag`
-    records per-layer statistics at the run's step `offset + step` (earlier phases' steps come first);
-    `native_plan` (see dnnlab.native) has each step's forward, loss and backward pass (and mostly the update) done
-    in one C++ call;
-    `tuner` chooses the threads of the optimizer's update (see update_tuner)."""
+    `position` continues an epoch that a signal interrupted (its order, steps done and sums so far); `diag` (at the
+    run's step `offset + step`: earlier phases' steps come first), `native_plan` and `tuner` choose the step, once
+    an epoch (steps.choose_step)."""
     device = x_all.device
     check_every_step = device.type == "cpu"
     if position is None:
@@ -108,18 +71,11 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     finite = position.setdefault("finite", torch.zeros((), device=device, dtype=torch.long))
     first_step = step - position["i"]
     net.train()
-    optimizer_step = direct_step(optimizer, tuner)
-    take_step = choose_step(net, x_all, y_all, loss_sum, correct, optimizer, optimizer_step, rules, autocast, diag,
-                            offset, native_plan)
+    take_step = choose_step(net, x_all, y_all, optimizer, rules, autocast=autocast, diag=diag, offset=offset,
+                            plan=native_plan, tuner=tuner, sums=(loss_sum, correct))
     for i in range(position["i"], steps):
         lr = set_rates(optimizer, schedule, step)
-        loss, updated = take_step(perm[i * batch_size:(i + 1) * batch_size], step)
-        if not updated:
-            rules.before_step()
-            optimizer_step()
-        rules.after_step()
-        if diag:
-            diag.after_step(offset + step)  # the update includes max-norm's rescaling
+        loss = take_step(perm[i * batch_size:(i + 1) * batch_size], step)
         step += 1
         if check_every_step:  # the sum too: finite losses whose sum overflows are no finite training either
             if not (math.isfinite(loss) and math.isfinite(loss_sum)):

@@ -319,7 +319,7 @@ def test_activation_histograms_are_a_readable_labelled_grid(n_layers, grid):
 
     from matplotlib.text import Text
 
-    from dnnlab.diagnose import activations_figure
+    from dnnlab.diagnose_plots import activations_figure
     from dnnlab.record import pyplot
 
     torch.manual_seed(0)
