@@ -13,7 +13,7 @@ hydra.sweeper.params (see conf/experiment/search_lr.yaml):
 Anything else is a fixed override passed to every trial; on the command line a fixed value replaces a
 search space of the same key declared in YAML.
 
-The sampler, the pruner and the numbers below are checked before the study is opened (_sweep.RULES): a bad one
+The sampler, the pruner and the numbers below are checked before the study is opened (_settings.RULES): a bad one
 is one line naming it, and nothing is written to the storage.
 """
 # No `from __future__ import annotations` here: Hydra runs this module before it is in sys.modules, and
