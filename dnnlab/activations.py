@@ -1,7 +1,7 @@
 """One row per activation function: everything dnnlab keys on the activation, in one table.
 
 Each row says, for one torch class: the config option that names it (conf/activation/<option>.yaml), the C++ step's
-kernels for it (dnnlab/native.py, csrc/mlp_step.cpp), the initialization the book pairs with it (`init=auto`,
+kernels for it (dnnlab/fast/native.py, fast/csrc/mlp_step.cpp), the initialization the book pairs with it (`init=auto`,
 dnnlab/init.py), the asymptotes that make it saturate (dnnlab/diagnostics.py) and why a stacked sweep cannot train
 it (dnnlab/stacked.py). Adding an activation is adding a row here (and its YAML, and a kernel in the C++ file if it
 is to train natively); tests/test_activations.py checks the row against the configs, torch and the C++ source.

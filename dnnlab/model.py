@@ -4,7 +4,6 @@ from functools import partial
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.modules import module as torch_module
 
 from dnnlab.components import make
 from dnnlab.init import apply_init, variance_scaling
@@ -82,29 +81,3 @@ def weight_matrices(model: nn.Module) -> list:
 def hidden_linears(model: nn.Module) -> list[nn.Linear]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[:-1]
-
-
-def flat_forward(net: nn.Module):
-    """net's forward as a loop over its layers' own forward methods, or None where that could differ from net(x).
-    It skips nn.Module.__call__ (its hook checks cost a few microseconds a module, a twentieth of a default
-    training step on the CPU), so it is used only for plain nn.Sequential nesting without any hooks (dnnlab's
-    diagnostics register some)."""
-    if any(getattr(torch_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                    "_global_backward_hooks", "_global_backward_pre_hooks")):
-        return None
-    layers = []
-    for m in net.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
-        if m._modules:
-            if type(m).forward is not nn.Sequential.forward:  # a container that does more than chain its layers
-                return None
-        else:
-            layers.append(m.forward)
-
-    def forward(x):
-        for f in layers:
-            x = f(x)
-        return x
-
-    return forward

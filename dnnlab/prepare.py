@@ -7,7 +7,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
-from dnnlab import memory, native, transfer, validate
+from dnnlab import memory, transfer, validate
 from dnnlab.data import Splits, load
 from dnnlab.errors import bad_value
 from dnnlab.model import build_mlp, widths
@@ -29,7 +29,7 @@ def pick_threads(setting, cfg: DictConfig, parallel_jobs: int = 1, stacked: int 
     else one. A job splits each matrix product between the threads, which costs more than it saves up to a batch
     times the widest layer of 256 x 512 (a 32x100 product is split in vain). A stack's C++ step gives each thread
     whole jobs, which pays from three default networks on (stacked x batch x widest > 8192); with threads=auto,
-    dnnlab.threads.ThreadTuner then checks that choice against one thread on the first epoch's steps."""
+    dnnlab.fast.threads.ThreadTuner then checks that choice against one thread on the first epoch's steps."""
     if setting != "auto":
         return setting
     per_job = cfg.trainer.batch_size * max(widths(cfg.model), default=1)
@@ -74,11 +74,3 @@ def prepare(cfg: DictConfig, parallel_jobs: int = 1) -> tuple[torch.device, Spli
         raise bad_value("trainer.batch_size", t.batch_size, f"an integer from 1 to {len(data.x_train)} (the training "
                                                             "images; that many is full-batch gradient descent)")
     return device, data, build_mlp(cfg, data.n_classes).to(device)
-
-
-def native_plan(cfg: DictConfig, net: torch.nn.Module, device: torch.device) -> native.Plan | None:
-    """How `trainer.native` has `net` trained: the C++ step's plan, or None for autograd."""
-    t = cfg.trainer
-    needs_autograd = [key for key, on in (("diagnostics=on", cfg.diagnostics.enabled), ("trainer.compile", t.compile),
-                                          ("trainer.precision=bf16", t.precision == "bf16")) if on]
-    return native.choose(t.native, net, device, needs_autograd)

@@ -17,7 +17,8 @@ from dnnlab import activations
 from dnnlab.bookkeeping import EarlyStopping
 from dnnlab.components import make
 from dnnlab.model import dropout_rates
-from dnnlab.optim import JobRules, adam_settings, build_optimizer, fusable, fused_adam_, set_rates
+from dnnlab.fast.flat_adam import adam_settings, fusable, fused_adam_
+from dnnlab.optim import JobRules, build_optimizer, set_rates
 
 SELU_ALPHA, SELU_SCALE = activations.SELU  # torch.nn.SELU's (Klambauer et al.)
 
@@ -184,7 +185,7 @@ class Stack:
                     loss_sum: torch.Tensor, correct: torch.Tensor, update: tuple[list, list] | None = None
                     ) -> list[float]:
         """Every job's forward pass, loss and backward pass in one C++ call (dnnlab::stack_step, see
-        dnnlab/native.py), the gradients written into grad_w / grad_b, the jobs spread over the threads; with
+        dnnlab/fast/native.py), the gradients written into grad_w / grad_b, the jobs spread over the threads; with
         `update` (Stepper.fused), each job's Adam update too. Adds the jobs' summed losses and hits to loss_sum
         and correct; returns their mean losses."""
         weights, biases = self.plain

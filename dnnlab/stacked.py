@@ -19,16 +19,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import activations, checkpoint, memory, native, validate
+from dnnlab import activations, checkpoint, memory, validate
 from dnnlab.bookkeeping import checkpoint_state, end_epoch, evaluate, steps_per_epoch, summary_fields
 from dnnlab.data import load
 from dnnlab.model import build_mlp
-from dnnlab.prepare import native_plan, pick_device, pick_threads, restrict, seed_everything
+from dnnlab.prepare import pick_device, pick_threads, restrict, seed_everything
 from dnnlab.record import LearningCurves, Recorder, environment, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.stack import (Dropout, Job, Stack, StateView, Stepper, activation_fn, evaluate_stack, job_rules,
                           set_lr)
-from dnnlab.threads import ThreadTuner
+from dnnlab import fast
+from dnnlab.fast import native
+from dnnlab.fast.threads import ThreadTuner
 
 log = logging.getLogger("dnnlab")
 
@@ -163,7 +165,7 @@ class _Group:
             OmegaConf.to_container(job.cfg.optimizer, resolve=True)
             | {"_schedule": OmegaConf.to_container(job.cfg.schedule, resolve=True)}, sort_keys=True, default=str))
         # trainer.native: the C++ step where it computes what the autograd stack would (refused before any file)
-        kernel = native_plan(first, self.models[0], self.device)
+        kernel = fast.native_plan(first, self.models[0], self.device)
         self.stack = Stack(order, [self.models[job.index] for job in order], activation_fn(first), self.device,
                            kernel and (kernel.activation, kernel.act_args))
         self.kernels = {2 * i for i in range(self.stack.n_layers)}  # positions of the weight matrices in parameters()

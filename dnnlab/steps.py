@@ -1,4 +1,4 @@
-"""The training step, chosen once for a loop: the C++ step (dnnlab.native), autograd, or autograd with the hooks of
+"""The training step, chosen once for a loop: the C++ step (dnnlab.fast.native), autograd, or autograd with the hooks of
 dnnlab.diagnostics. Each is called as `step(idx, t)` (the batch's indices, the loop's step number) and takes the
 whole step: forward, loss, backward, the gradient rules and the optimizer's update. `dnnlab train`'s epochs
 (trainer.train_epoch), `dnnlab diagnose` and `dnnlab lr-find` all train with it; their loops set the learning rate,
@@ -10,9 +10,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from dnnlab import native
-from dnnlab.model import flat_forward
-from dnnlab.optim import DirectStep, direct_step
+from dnnlab.fast import native
+from dnnlab.fast.flat_adam import DirectStep, direct_step
+from dnnlab.fast.forward import flat_forward
 
 
 def choose_step(net, x_all, y_all, optimizer, rules, *, autocast=None, diag=None, offset: int = 0,
@@ -23,8 +23,8 @@ def choose_step(net, x_all, y_all, optimizer, rules, *, autocast=None, diag=None
     `rules` (optim.GradientRules) changes the gradients before the update and the weights after it; `diag` (a
     Diagnostics) records at the run's step offset + t: begin before the forward pass, before_step after the
     backward pass (the plain loss gradient, before penalties and clipping), after_step after the update;
-    `plan` (see dnnlab.native) has the C++ step do forward, loss and backward (and mostly the update) in one call;
-    `tuner` chooses the threads of the flat update (see trainer.update_tuner)."""
+    `plan` (see dnnlab.fast.native) has the C++ step do forward, loss and backward (and mostly the update) in one call;
+    `tuner` chooses the threads of the flat update (see fast.update_tuner)."""
     device = x_all.device
     loss_sum, correct = sums or (torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
     update = direct_step(optimizer, tuner)  # optimizer.step(), for fused Adam without its per-call bookkeeping

@@ -14,31 +14,23 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import checkpoint, hydra_files, native, stored, transfer
+from dnnlab import checkpoint, hydra_files, stored, transfer
 from dnnlab.bookkeeping import (Diverged, EarlyStopping, checkpoint_state, end_epoch, evaluate, steps_per_epoch,
                                 summary_fields)
 from dnnlab.data import Splits
 from dnnlab.diagnostics import Diagnostics
 from dnnlab.errors import DnnlabError, Pruned
-from dnnlab.optim import GradientRules, build_optimizer, fusable, pack_parameters_, set_rates
-from dnnlab.prepare import core_share, native_plan, prepare
+from dnnlab import fast
+from dnnlab.fast import native
+from dnnlab.optim import GradientRules, build_optimizer, set_rates
+from dnnlab.prepare import core_share, prepare
 from dnnlab.record import Recorder, environment, read_metrics, write_json
 from dnnlab.schedule import build_schedule
 from dnnlab.steps import choose_step
-from dnnlab.threads import ThreadTuner
+from dnnlab.fast.threads import ThreadTuner
 from dnnlab.ui import Progress, print_summary
 
 log = logging.getLogger("dnnlab")
-
-
-def update_tuner(setting, parallel_jobs: int, steps_per_epoch: int, step_plan) -> ThreadTuner | None:
-    """With the C++ step and threads=auto, where the matrix products run on one thread: the chooser between that
-    one and the job's share of the cores for the optimizer's update of the flat parameters (optim.direct_step),
-    which can take half the time on two and whose numbers do not depend on its threads (tested)."""
-    many = core_share(parallel_jobs)
-    if step_plan is None or setting != "auto" or many <= torch.get_num_threads():
-        return None
-    return ThreadTuner(many, steps_per_epoch, apply=None)
 
 
 class Interrupted(Exception):
@@ -92,22 +84,6 @@ def train_epoch(net, x_all, y_all, steps: int, batch_size: int, optimizer, rules
     if not math.isfinite(mean_loss):  # on a GPU: found now, at the step after the last finite loss
         raise Diverged(f"step {first_step + finite.item() + 1}: loss is not finite (mean training loss {mean_loss})")
     return mean_loss, correct.item() / n, step, lr
-
-
-class Compiled(torch.nn.Module):
-    """`trainer.compile`: the network as torch.compile builds it, for the training steps (evaluation keeps the
-    plain network: other batch shapes, no graphs to record). On CUDA mode "reduce-overhead" replays each step's
-    kernels as a CUDA graph, which removes the launch overhead that dominates small batches of small networks."""
-
-    def __init__(self, net: torch.nn.Module, device: torch.device):
-        super().__init__()
-        self.net, self.cuda_graphs = net, device.type == "cuda"
-        self.compiled = torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None, dynamic=False)
-
-    def forward(self, x):
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs may be reused
-        return self.compiled(x)
 
 
 @contextmanager
@@ -231,7 +207,7 @@ def start(cfg: DictConfig, run_dir: Path, parallel_jobs: int) -> Run:
     device, data, model = prepare(cfg, parallel_jobs)
     t = cfg.trainer
     if t.native is True:  # where it cannot be: refused before anything is written (auto builds only when it trains)
-        native_plan(cfg, model, device)
+        fast.native_plan(cfg, model, device)
     warn_about(cfg)
     log.info("data: %s from %s (%d train, %d val, %d test)", cfg.data.name, data.source,
              len(data.x_train), len(data.x_val), len(data.x_test))
@@ -267,7 +243,7 @@ def start(cfg: DictConfig, run_dir: Path, parallel_jobs: int) -> Run:
 def begin_phase(run: Run, phase: int, name: str, lr0: float, epochs: int):
     """The phase's network, inputs, optimizer, schedule and step (a resumed phase's as they were saved): (the
     network it evaluates, the one it trains, its training and validation inputs, the C++ step's plan or None)."""
-    cfg, model, t = run.cfg, run.model, run.cfg.trainer
+    cfg, model = run.cfg, run.model
     resuming = run.resume is not None and phase == run.resume["phase"]
     if phase:  # fine-tuning: start from the best weights so far, unfreeze, continue at a lower rate
         if not resuming:
@@ -284,12 +260,10 @@ def begin_phase(run: Run, phase: int, name: str, lr0: float, epochs: int):
         run.cache_seconds += time.perf_counter() - began
     else:
         net = model
-    step_plan = native_plan(cfg, net, run.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.phase, run.optimizer = phase, build_optimizer(cfg.optimizer, trainable, run.device, lr=lr0)
-    if run.device.type == "cpu" and fusable(run.optimizer):  # one update call for all (see optim.direct_step)
-        pack_parameters_(trainable)
-    run.tuner = update_tuner(t.threads, run.parallel_jobs, run.steps_per_epoch, step_plan)
+    speed = fast.speed_up(cfg, net, run.optimizer, run.device, core_share(run.parallel_jobs), run.steps_per_epoch)
+    run.tuner = speed.tuner
     run.schedule = build_schedule(cfg.schedule, lr0, epochs * run.steps_per_epoch, run.steps_per_epoch)
     if resuming:
         run.optimizer.load_state_dict(run.resume["optimizer"])
@@ -299,8 +273,7 @@ def begin_phase(run: Run, phase: int, name: str, lr0: float, epochs: int):
     else:
         run.phase_log.append({"phase": name, "lr": lr0, "first_epoch": len(run.rows) + 1})
         run.phase_step, run.phase_epochs = 0, 0
-    train_net = Compiled(net, run.device) if t.compile else net
-    return net, train_net, x_train, x_val, step_plan
+    return net, speed.train_net, x_train, x_val, speed.plan
 
 
 def run_phase(run: Run, phase: int, name: str, lr0: float, epochs: int, progress, stop) -> tuple[str, str | None]:

@@ -28,4 +28,4 @@ say "dnnlab${extras:+ with the extras [$extras]} (editable) and its dependencies
 # Build the native training step now rather than in the first run (about 10 s; without a C++ compiler, training
 # takes the autograd path and this says why).
 say "building dnnlab's native training step"
-.venv/bin/python -m dnnlab.native || true
+.venv/bin/python -m dnnlab.fast.native || true

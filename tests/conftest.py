@@ -25,7 +25,7 @@ def pytest_sessionstart(session) -> None:
     """CI (.ci/run) sets DNNLAB_REQUIRE_NATIVE=1: there the native C++ step must build, or the run fails at once,
     instead of its tests skipping with the reason as they do on a machine without a compiler."""
     if os.environ.get("DNNLAB_REQUIRE_NATIVE") and not hasattr(session.config, "workerinput"):
-        from dnnlab import native
+        from dnnlab.fast import native
 
         reason = native.available()
         if reason:

@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 from torch import nn
 
-from dnnlab import CONF_DIR, activations, diagnostics, init, native, stacked
+from dnnlab import CONF_DIR, activations, diagnostics, init, stacked
+from dnnlab.fast import native
 from dnnlab.activations import ROWS
 
 OPTIONS = sorted(p.stem for p in (CONF_DIR / "activation").glob("*.yaml"))

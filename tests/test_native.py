@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnlab import native, optim
+from dnnlab.fast import flat_adam, native
 from dnnlab.errors import DnnlabError
 from dnnlab.model import build_mlp
 from dnnlab.train import train
@@ -106,7 +106,7 @@ def test_weights_stored_transposed_take_atens_products_and_give_the_same_gradien
                                          (torch.optim.AdamW, {"weight_decay": 0.01}),
                                          (torch.optim.Adam, {"maximize": True})])
 def test_the_update_in_the_step_is_torchs_fused_update_bit_for_bit(adam, kwargs, threads):
-    """The C++ step's Adam/AdamW update against torch's fused kernel on the same flat tensors (optim.DirectStep),
+    """The C++ step's Adam/AdamW update against torch's fused kernel on the same flat tensors (flat_adam.DirectStep),
     with what schedules and momentum cycling change between steps (beta1 once below 0.5), 32,847 parameters (not a whole number of
     16-float vectors) and the update on one thread or two: the same parameters, moments and step counts."""
     x_all, y_all = data()
@@ -114,9 +114,9 @@ def test_the_update_in_the_step_is_torchs_fused_update_bit_for_bit(adam, kwargs,
     for in_step in (False, True):
         net = mlp(dropout=0.2)
         params = list(net.parameters())
-        optim.pack_parameters_(params)
+        flat_adam.pack_parameters_(params)
         opt = adam(params, lr=0.01, eps=1e-7, fused=True, **kwargs)
-        direct = optim.DirectStep(opt, SimpleNamespace(current=threads, before=lambda j: None,
+        direct = flat_adam.DirectStep(opt, SimpleNamespace(current=threads, before=lambda j: None,
                                                         after=lambda j, elapsed=None: None))
         step = native.NativeStep(native.plan(net)[0], x_all, y_all, torch.zeros(()), torch.zeros((), dtype=torch.long),
                                  direct if in_step else None)
@@ -281,7 +281,7 @@ class _Alternating:
 
 
 @pytest.mark.parametrize("overrides,in_cpp", [
-    # (torch 2.4's AdamW is no Adam subclass: not fused through optim.DirectStep, so not in the C++ step either)
+    # (torch 2.4's AdamW is no Adam subclass: not fused through flat_adam.DirectStep, so not in the C++ step either)
     (["+regularizer.max_norm=1.0", "optimizer=adamw", "optimizer.weight_decay=0.01"],
      issubclass(torch.optim.AdamW, torch.optim.Adam)),
     (["regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0"], False)])
@@ -290,11 +290,12 @@ def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch, ov
     step (threads=auto), or run on the one thread asked for; the metrics are the same, the matrix products keep
     one thread and the summary records both counts. The update runs in the C++ step, which times it, unless
     penalties or clipping change the gradients first."""
+    import dnnlab.fast
     import dnnlab.trainer
 
     tuners = []
     monkeypatch.setattr(dnnlab.trainer, "core_share", lambda parallel_jobs=1: 2)
-    monkeypatch.setattr(dnnlab.trainer, "ThreadTuner", lambda *a, **k: tuners.append(_Alternating(*a, **k)) or tuners[-1])
+    monkeypatch.setattr(dnnlab.fast, "ThreadTuner", lambda *a, **k: tuners.append(_Alternating(*a, **k)) or tuners[-1])
     auto = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=auto"), tmp_path / "auto")
     one = train(make_cfg(*overrides, "trainer.batch_size=8", "trainer.threads=1"), tmp_path / "one")
     assert (auto["threads"], auto["update_threads"], one["threads"], one["update_threads"]) == (1, 2, 1, 1)
@@ -356,7 +357,7 @@ def test_where_the_native_step_is_required_a_failed_build_fails_the_test_run(tmp
 def test_a_failed_build_leaves_the_autograd_path(tmp_path, data_root):
     """No working compiler: available() says why, auto trains with autograd, true is a one-line refusal."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
-    code = ("from dnnlab import native; import torch; r = native.available(); print(r); "
+    code = ("from dnnlab.fast import native; import torch; r = native.available(); print(r); "
             "print(native.choose('auto', torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.device('cpu'), []))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""The native step's build (dnnlab.native.available): one library per machine, source text and torch version, which
+"""The native step's build (dnnlab.fast.native.available): one library per machine, source text and torch version, which
 every install of dnnlab loads without running ninja again, and which no lock left by a killed build holds up.
 Each test builds once, in a subprocess with a cache of its own (a process can load only one such library)."""
 from __future__ import annotations
@@ -14,16 +14,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from dnnlab import native
+from dnnlab.fast import native
 from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.skipif(native.available() != "", reason=f"native step unavailable: {native.available()}")
 
-PACKAGE = Path(native.__file__).parent
+PACKAGE = Path(native.__file__).parents[1]
 PROBE = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
-         "from dnnlab import native; why = native.available(); "
+         "from dnnlab.fast import native; why = native.available(); "
          "print(native.__file__); print(native.build_directory()); print(why or 'ready')")
-HOLD = ("import sys, time; from pathlib import Path; from dnnlab import native; "
+HOLD = ("import sys, time; from pathlib import Path; from dnnlab.fast import native; "
         "lock = native._build_lock(Path(sys.argv[1])); lock.__enter__(); print('held', flush=True); time.sleep(600)")
 
 
@@ -55,7 +55,7 @@ def built(tmp_path_factory) -> SimpleNamespace:
     which the first has built the library."""
     tmp = tmp_path_factory.mktemp("installs")
     cache, a, b = tmp / "cache", install(tmp / "a"), install(tmp / "b")
-    os.utime(b / "dnnlab" / "csrc" / "mlp_step.cpp")  # a newer source file with the same text: no rebuild either
+    os.utime(b / "dnnlab" / "fast" / "csrc" / "mlp_step.cpp")  # a newer file with the same text: no rebuild either
     first = probe(a, cache)
     return SimpleNamespace(cache=cache, a=a, b=b, first=first, library=first.folder / native.LIBRARY)
 

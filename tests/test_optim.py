@@ -12,7 +12,8 @@ from torch import nn
 from dnnlab import CONF_DIR, checkpoint
 from dnnlab.ftrl import Ftrl
 from dnnlab.model import build_mlp
-from dnnlab.optim import GradientRules, build_optimizer, direct_step, fusable, pack, pack_parameters_, span
+from dnnlab.fast.flat_adam import direct_step, fusable, pack, pack_parameters_, span
+from dnnlab.optim import GradientRules, build_optimizer
 
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
 CPU = torch.device("cpu")

@@ -14,9 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dnnlab import checkpoint, native
+from dnnlab import checkpoint
+from dnnlab.fast import native
 from dnnlab.model import build_mlp
-from dnnlab.optim import build_optimizer, span
+from dnnlab.fast.flat_adam import span
+from dnnlab.optim import build_optimizer
 from dnnlab.record import LearningCurves, read_scalars
 from dnnlab.stack import job_major
 from dnnlab.stacked import plan, train_group, why_not

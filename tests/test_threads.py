@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dnnlab import threads
-from dnnlab.threads import ThreadTuner
+from dnnlab.fast import threads
+from dnnlab.fast.threads import ThreadTuner
 
 
 @pytest.fixture

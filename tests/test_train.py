@@ -362,7 +362,7 @@ def test_environment_records_the_command_and_versions(make_cfg, tmp_path):
 @pytest.mark.parametrize("overrides", [[], ["norm=batchnorm", "regularizer=dropout", "norm.input=true"],
                                        ["activation=prelu", "norm=layernorm"]])
 def test_flat_forward_computes_what_the_network_does(make_cfg, overrides):
-    from dnnlab.model import flat_forward
+    from dnnlab.fast.forward import flat_forward
 
     model = build_mlp(make_cfg(*overrides), 10)
     model.train()
@@ -374,7 +374,7 @@ def test_flat_forward_computes_what_the_network_does(make_cfg, overrides):
 
 
 def test_flat_forward_is_refused_where_it_would_skip_something(make_cfg):
-    from dnnlab.model import flat_forward
+    from dnnlab.fast.forward import flat_forward
 
     model = build_mlp(make_cfg(), 10)
     handle = model.hidden2[1].register_forward_hook(lambda *_: None)

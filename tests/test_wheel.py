@@ -78,7 +78,7 @@ def test_wheel_ships_the_configs(wheel):
                   "debug"):
         assert any(n.startswith(f"dnnlab/conf/{group}/") for n in names), group
     assert "dnnlab/__main__.py" in names and "dnnlab/cli.py" in names
-    assert "dnnlab/csrc/mlp_step.cpp" in names  # the native step's source, compiled where the wheel runs
+    assert "dnnlab/fast/csrc/mlp_step.cpp" in names  # the native step's source, compiled where the wheel runs
     plugin = {f"hydra_plugins/dnnlab_optuna_sweeper/{m}.py"
               for m in ("__init__", "config", "optuna_sweeper", "_sweep", "_space")}
     assert plugin <= names and "dnnlab/trial.py" in names, sorted(plugin - names)

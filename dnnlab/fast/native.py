@@ -8,7 +8,7 @@ is available, training takes the autograd path. The same library holds the step 
 (dnnlab::stack_step, used by dnnlab/stacked.py): every job's step in one call, the jobs spread over the threads.
 The step also takes Adam's update where that gives torch's own numbers on this torch (`update_in_step`).
 
-The library is built once per machine, source text and torch version (about 10 s; `python -m dnnlab.native` builds
+The library is built once per machine, source text and torch version (about 10 s; `python -m dnnlab.fast.native` builds
 it ahead, as scripts/install.sh does), by torch.utils.cpp_extension, and shared by every install of dnnlab there:
 checkouts, venvs, the wheel. Torch's build files name absolute paths (the source's, the venv's torch headers), and
 torch runs ninja on every load, so two installs sharing one build folder rebuilt it in turn, each run waiting on
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnnlab import activations, optim
+from dnnlab import activations
+from dnnlab.fast import flat_adam
 from dnnlab.errors import DnnlabError
 from dnnlab.transfer import Frozen
 
@@ -218,19 +219,19 @@ class NativeStep:
     """`step(idx)`: forward, loss and backward of the batch `x_all[idx]`, the gradients left in the parameters'
     .grad (allocated here as views of one flat tensor; overwritten every step), the batch's loss and hits added to
     loss_sum and correct. Returns the batch's mean loss and whether the step also took the optimizer's update.
-    With `update` (an optim.DirectStep whose flat tensors are ready, from the step after torch's first), the C++
+    With `update` (an flat_adam.DirectStep whose flat tensors are ready, from the step after torch's first), the C++
     step takes Adam's update as well, with the arithmetic of torch's fused kernel, bit for bit: a separate update
     call's Python and dispatch cost about 5 % of a default step. The caller leaves `update` out where anything
     must change the gradients between the backward pass and the update (penalties, clipping), and where this
     torch's kernel computes otherwise (update_in_step)."""
 
     def __init__(self, p: Plan, x_all: torch.Tensor, y_all: torch.Tensor, loss_sum: torch.Tensor,
-                 correct: torch.Tensor, update: optim.DirectStep | None = None):
+                 correct: torch.Tensor, update: flat_adam.DirectStep | None = None):
         trainable = p.linears[p.first_trainable:]
         params = [param for lin in trainable for param in (lin.weight, lin.bias)]
         if (any(q.grad is None or q.grad.shape != q.shape for q in params)
-                or optim.span([q.grad for q in params]) is None):
-            for q, grad in zip(params, optim.pack([torch.zeros_like(q) for q in params])):
+                or flat_adam.span([q.grad for q in params]) is None):
+            for q, grad in zip(params, flat_adam.pack([torch.zeros_like(q) for q in params])):
                 q.grad = grad
         self.args = (x_all, y_all, [lin.weight.detach() for lin in p.linears], [lin.bias.detach() for lin in p.linears],
                      [lin.weight.grad for lin in trainable], [lin.bias.grad for lin in trainable], p.first_trainable,
@@ -255,14 +256,14 @@ UPDATE_CHECKS = ((torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.0
 
 def _adam_run(adam: type, settings: dict, in_step: bool) -> tuple[list[torch.Tensor], int]:
     """Four steps of fused `adam` on a small network through the C++ step, the update taken there (in_step) or by
-    torch's fused kernel through optim.DirectStep, as the trainer does without it: (the parameters and optimizer
+    torch's fused kernel through flat_adam.DirectStep, as the trainer does without it: (the parameters and optimizer
     state after, the updates the C++ step took). Uses the global generator: the caller keeps its state."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(24, 13), nn.ELU(), nn.Linear(13, 3))  # 367 parameters: vectors and a scalar tail
     params = list(net.parameters())
-    optim.pack_parameters_(params)
+    flat_adam.pack_parameters_(params)
     opt = adam(params, lr=0.01, eps=1e-7, fused=True, **settings)
-    direct = optim.DirectStep(opt)
+    direct = flat_adam.DirectStep(opt)
     x, y = torch.randn(64, 24), torch.randint(0, 3, (64,))
     step = NativeStep(plan(net)[0], x, y, torch.zeros(()), torch.zeros((), dtype=torch.long),
                       direct if in_step else None)
@@ -350,7 +351,7 @@ def choose(setting, net: nn.Module, device: torch.device, reasons_off: list[str]
     return p
 
 
-if __name__ == "__main__":  # python -m dnnlab.native: build ahead of the first run, and say where it stands
+if __name__ == "__main__":  # python -m dnnlab.fast.native: build ahead of the first run, and say where it stands
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     reason = available()
     print(f"dnnlab native training step: {'ready in ' + str(build_directory()) if not reason else reason}")
