@@ -52,6 +52,8 @@ def one_line(error: Exception) -> str:
     """Hydra's multi-line composition errors on one line: its sentences joined as sentences, options listed with
     commas, the search path dropped; a parse error names the override it could not parse."""
     text = str(error).split("\nConfig search path:")[0]
+    if text.startswith("Error merging override") and error.__cause__ is not None:  # what was wrong with it
+        text += ": " + str(error.__cause__).splitlines()[0]
     override = getattr(error, "override", None)  # OverrideParseException's
     if override is not None:
         text = f"cannot parse {override!r}: " + re.sub(r"^LexerNoViableAltException: .*\n *\^", "unexpected text",

@@ -19,9 +19,7 @@ from omegaconf import OmegaConf
 
 from dnnlab import CONF_DIR
 from dnnlab.errors import bad_value
-
-ALLOWED = ("a dnnlab component (a _target_ of the shipped configs, a torch.nn module, torch.optim optimizer or "
-           "torch.nn.init function); allow others with $DNNLAB_ALLOWED_TARGETS=name,...")
+from dnnlab.schema import COMPONENT as ALLOWED
 SETTINGS = ("_target_", "_partial_")  # the only Hydra keys a component section may have
 
 

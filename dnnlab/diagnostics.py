@@ -33,7 +33,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from dnnlab import CONF_DIR, activations
 from dnnlab.checkpoint import atomic_write
-from dnnlab.errors import DnnlabError, bad_value
+from dnnlab.errors import DnnlabError
+from dnnlab.validate import check_values
 
 COLUMNS = ("step", "layer", "act_mean", "act_std", "saturated", "dead", "grad_norm", "weight_norm", "update_ratio")
 STATS = COLUMNS[2:]
@@ -44,15 +45,12 @@ DEFAULTS = CONF_DIR / "diagnostics" / "on.yaml"
 
 
 def settings(cfg: DictConfig | dict | None = None, **overrides) -> DictConfig:
-    """conf/diagnostics/on.yaml's values, updated by cfg (when given) and by keyword overrides; checked."""
-    merged = OmegaConf.merge(OmegaConf.load(DEFAULTS), cfg or {}, overrides)
-    every, margin = merged.every, merged.saturation_margin
-    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-        raise bad_value("diagnostics.every", every, "an integer >= 1 (record every N training steps)")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < 0.5:
-        raise bad_value("diagnostics.saturation_margin", margin, "a number in (0, 0.5)")
-    if not isinstance(merged.histograms, bool):
-        raise bad_value("diagnostics.histograms", merged.histograms, "true or false")
+    """conf/diagnostics/on.yaml's values, updated by cfg (when given) and by keyword overrides; checked with the
+    declarations of dnnlab.schema."""
+    on = OmegaConf.load(DEFAULTS)
+    on.pop("defaults")  # the option's schema node (Hydra's defaults list), not a setting
+    merged = OmegaConf.merge(on, cfg or {}, overrides)
+    check_values(OmegaConf.create({"diagnostics": merged}))
     return merged
 
 

@@ -7,9 +7,6 @@ from torch import nn
 
 from dnnlab import activations
 
-FAN_MODES = ("fan_in", "fan_out", "fan_avg")
-DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
-
 
 @torch.no_grad()
 def variance_scaling(weight: torch.Tensor, scale: float = 1.0, mode: str = "fan_in",

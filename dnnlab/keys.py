@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from dnnlab import components, conf_dirs
 from dnnlab.errors import DnnlabError, nearest
+from dnnlab.schema import MOVED, moved
 
 HELP = "(--help lists every group and key)"
 # Groups whose options a list picks together (regularizer=[l2,dropout]): a key of an option not picked adds that
@@ -106,7 +107,7 @@ class Known:
                 into.setdefault(key, value)
 
     def own(self, section: str) -> set[str]:
-        """dnnlab's own settings in a component section (optimizer.clip_norm, init.bias): the keys of an option
+        """dnnlab's own settings in a component section (init.bias): the keys of an option
         that its component does not take."""
         found: set[str] = set()
         for target, names in self.components[section]:
@@ -250,6 +251,8 @@ def check_keys(known: Known, overrides: list[Override], kinds: tuple[OverrideTyp
         if o.type not in kinds or is_hydras(o) or known.repo.group_exists(o.key_or_group):
             continue
         key = o.key_or_group
+        if key in MOVED:  # a command line from before the move: where the key is now, not the nearest name
+            raise DnnlabError(f"{moved(key)}: {o.input_line.lstrip('+').replace(key, MOVED[key], 1)}")
         known.load(key.split(".")[0])
         missing = known.unknown(key, jobs.components)
         if missing:

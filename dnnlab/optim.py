@@ -4,25 +4,28 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab.components import make
+from dnnlab import components
 from dnnlab.model import hidden_linears, weight_matrices
 
-EXTRA_KEYS = ("clip_value", "clip_norm")  # dnnlab's own keys in the optimizer group, not torch arguments
 FUSED_DEVICES = ("cpu", "cuda")
 
 
 def build_optimizer(cfg: DictConfig, params: list, device: torch.device, lr: float | None = None
                     ) -> torch.optim.Optimizer:
-    """The configured torch optimizer over `params` (at learning rate `lr` if given, else the configured one)."""
-    kwargs = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
-    if kwargs.get("fused") and device.type not in FUSED_DEVICES:  # fused kernels exist only for these
-        kwargs["fused"], kwargs["foreach"] = False, True
-    if lr is not None:
-        kwargs["lr"] = lr
-    return make(kwargs, "optimizer")(params)
+    """The configured torch optimizer over `params` (at learning rate `lr` if given, else the configured one):
+    Hydra's instantiate of the section, once dnnlab's component table has passed its target and settings (a
+    checkpoint's config may come from anyone: no other name reaches the importer, no nested _target_ or _args_)."""
+    components.settings(cfg, "optimizer")
+    components.lookup(cfg.get("_target_"), "optimizer._target_")
+    fixed = {} if lr is None else {"lr": lr}
+    if cfg.get("fused") and device.type not in FUSED_DEVICES:  # fused kernels exist only for these
+        fixed |= {"fused": False, "foreach": True}
+    # plain lists (betas), not ListConfig: the optimizer's state_dict goes into checkpoints
+    return instantiate(cfg, _partial_=True, _convert_="all", **fixed)(params)
 
 
 def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
@@ -62,8 +65,9 @@ class JobRules:
 
         self.l1 = column([r.get("l1", 0.0) for r in regs], 0.0)
         self.l2 = column([r.get("l2", 0.0) for r in regs], 0.0)
-        self.clip_value = column([c.get("clip_value") for c in clips], math.inf)
-        self.clip_norm = column([c.get("clip_norm") for c in clips], math.inf)
+        # trainer.clip_value/clip_norm, found beside whichever section of each job's config `clips` holds
+        self.clip_value = column([OmegaConf.select(c, "..trainer.clip_value") for c in clips], math.inf)
+        self.clip_norm = column([OmegaConf.select(c, "..trainer.clip_norm") for c in clips], math.inf)
         self.max_norm = column([r.get("max_norm") for r in regs], math.inf)
         self.change_gradients = any(c is not None for c in (self.l1, self.l2, self.clip_value, self.clip_norm))
 

@@ -36,7 +36,8 @@ log = logging.getLogger("dnnlab")
 
 # Config groups a job may set freely within a stack; every other key must be equal across the stack.
 PER_JOB_GROUPS = ("init", "optimizer", "schedule", "regularizer")
-PER_JOB_TRAINER_KEYS = ("seed", "epochs", "early_stopping", "checkpoint_every", "keep_checkpoints", "progress")
+PER_JOB_TRAINER_KEYS = ("seed", "epochs", "early_stopping", "checkpoint_every", "keep_checkpoints", "progress",
+                        "clip_value", "clip_norm")
 KNOWN_GROUPS = {"data", "model", "init", "activation", "norm", "optimizer", "schedule", "regularizer", "transfer",
                 "trainer"}
 UNSTACKABLE_ACTIVATIONS = activations.unstackable()

@@ -5,7 +5,9 @@ reproduce). They are data, never code:
 - bounded size, and parsed as plain YAML without aliases (a few nested aliases expand to billions of nodes);
 - no interpolations: dnnlab saves resolved configs, so `${...}` in one was put there by someone else;
 - checked with the command line's rules (dnnlab.validate), and built only through dnnlab's component table
-  (dnnlab.components), which looks names up and never imports them from the text.
+  (dnnlab.components), which looks names up and never imports them from the text;
+- written by an earlier dnnlab, perhaps: a key that has moved since (dnnlab.schema.MOVED) is moved on load, so
+  that old runs resume, evaluate and transfer as before.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from dnnlab.errors import DnnlabError
+from dnnlab.schema import MOVED
 from dnnlab.validate import walk
 
 MAX_BYTES = 1 << 20  # a resolved dnnlab config is about 5 kB
@@ -67,7 +70,7 @@ def overrides(run_dir: Path) -> list[str] | None:
         return []
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise ValueError("not a list of overrides")
-    return items
+    return [upgraded_override(i) for i in items]
 
 
 def read_mapping(path: Path):
@@ -76,7 +79,28 @@ def read_mapping(path: Path):
     data = read(path)
     if not isinstance(data, (dict, list)):
         raise DnnlabError(f"{path}: not a mapping or a list of settings")
-    return inert(data)
+    return inert(upgraded(data))
+
+
+def upgraded(data):
+    """A config written before a key moved (optimizer.clip_norm, now trainer.clip_norm) with the key at its new
+    place; anything else as it is."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in MOVED.items():
+        (section, name), (to_section, to_name) = old.split("."), new.split(".")
+        source, target = data.get(section), data.get(to_section)
+        if isinstance(source, dict) and name in source and isinstance(target, dict):
+            target.setdefault(to_name, source.pop(name))
+    return data
+
+
+def upgraded_override(item: str) -> str:
+    """An override written before a key moved, naming the key's new place (`optimizer.clip_norm=1` ->
+    `trainer.clip_norm=1`)."""
+    for old, new in MOVED.items():
+        item = re.sub(rf"^([+~]*){re.escape(old)}(?=$|=)", rf"\g<1>{new}", item)
+    return item
 
 
 def inert(node):
@@ -102,7 +126,7 @@ def config(text: str, source: str) -> DictConfig:
             if isinstance(value, str) and "${" in value:
                 raise DnnlabError(f"{source}: its saved config has an interpolation at {key} ({value[:60]!r}); "
                                   "dnnlab saves resolved configs, so it was not written by dnnlab")
-        return OmegaConf.create(data)
+        return OmegaConf.create(upgraded(data))
     except (RecursionError, ValueError, TypeError, AssertionError, KeyError) as e:
         raise DnnlabError(f"{source}: its saved config is not a dnnlab config ({_first_line(e)})") from None
 

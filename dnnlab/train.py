@@ -52,7 +52,7 @@ def run_task(job, cfg: DictConfig) -> float:
         error(f"interrupted ({summary['reason']}); last.pt holds the position: run the same command again to resume")
         sys.exit(130)
     if summary["status"] == "diverged":
-        error(f"diverged at {summary['reason']}; try a lower optimizer.lr, optimizer.clip_norm=1.0 or another init")
+        error(f"diverged at {summary['reason']}; try a lower optimizer.lr, trainer.clip_norm=1.0 or another init")
         if not multirun:
             sys.exit(3)
     return objective(summary)

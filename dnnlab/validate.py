@@ -1,31 +1,22 @@
 """Check a composed config before any data is read or any training starts.
 
-Every rule names a key, a test and what is allowed; a key that the chosen options do not have is skipped.
-The first failure becomes one line: `key=value is not allowed: what is allowed`.
+Every key's type and allowed values are declared in dnnlab.schema, next to each other; a key that the chosen
+options do not have is skipped. The first failure becomes one line: `key=value is not allowed: what is allowed`.
+The rules between keys (check_combinations) are here.
 """
 from __future__ import annotations
 
 import math
-import os
-import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dnnlab import components
+from dnnlab import components, schema
+from dnnlab.allowed import conforms, integer, number
 from dnnlab.errors import DnnlabError, bad_value
-from dnnlab.init import DISTRIBUTIONS, FAN_MODES
 
 _ABSENT = object()
-
-
-def number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def num(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
@@ -40,147 +31,6 @@ def int_min(lo):
 
 def optional(test):
     return lambda v: v is None or test(v)
-
-
-def one_of(*choices):
-    return lambda v: v in choices
-
-
-def boolean(v) -> bool:
-    return isinstance(v, bool)
-
-
-def is_list(test, min_len=0):
-    return lambda v: OmegaConf.is_list(v) and len(v) >= min_len and all(test(x) for x in v)
-
-
-def device_ok(v) -> bool:
-    return isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
-
-
-MAX_EPOCHS = 100_000  # more is a typo: at a second an epoch, over a day of training
-POSITIVE = (num(0, lo_open=True), "a number > 0")
-NON_NEGATIVE = (num(0), "a number >= 0")
-UNIT = (num(0, 1, hi_open=True), "a number in [0, 1)")
-RATE = (num(0, 1, hi_open=True), "a rate in [0, 1)")
-OPT_POSITIVE = (optional(num(0, lo_open=True)), "null or a number > 0")
-BOOL = (boolean, "true or false")
-
-RULES = {
-    "data.name": (one_of("mnist", "fashion_mnist"), "mnist or fashion_mnist"),
-    "data.root": (optional(lambda v: isinstance(v, str) and os.path.isdir(os.path.expanduser(v))),
-                  "null or an existing folder"),
-    "data.classes": (optional(lambda v: is_list(num(0, 9), 2)(v) and all(integer(c) for c in v)
-                              and len(set(v)) == len(v)),
-                     "null or a list of at least 2 distinct digits 0-9, e.g. [0,1,2,3,4]"),
-    "data.n_per_class": (optional(int_min(1)), "null or an integer >= 1"),
-    "data.n_train": (optional(int_min(1)), "null or an integer >= 1"),
-    "data.draw": (one_of("random", "first"), "random or first (how n_per_class and val_per_class pick)"),
-    "data.val_per_class": (optional(int_min(1)), "null or an integer >= 1"),
-    "data.val_size": (lambda v: integer(v) and 1 <= v < 60000, "an integer from 1 to 59999"),
-    "data.val_from": (one_of("first", "last"), "first or last (which training images validate)"),
-    "data.folds": (optional(int_min(2)), "null or an integer >= 2 (k-fold cross-validation)"),
-    "data.fold": (int_min(0), "an integer from 0 to data.folds - 1"),
-    "data.standardize": (one_of("none", "global", "per_pixel"), "none, global or per_pixel"),
-    "data.seed": (integer, "an integer"),
-    "model.n_hidden": (lambda v: integer(v) and 0 <= v <= 10_000, "an integer from 0 to 10,000"),
-    "model.n_neurons": (lambda v: int_min(1)(v) or is_list(int_min(1), 1)(v),
-                        "an integer >= 1 or a list of them, e.g. [300,100]"),
-    "init.scale": POSITIVE,
-    "init.mode": (one_of(*FAN_MODES), " or ".join(FAN_MODES)),
-    "init.distribution": (one_of(*DISTRIBUTIONS), " or ".join(DISTRIBUTIONS)),
-    "init.std": POSITIVE,
-    "init.mean": (number, "a number"),
-    "init.gain": POSITIVE,
-    "init.val": (number, "a number"),
-    "init.bias": (number, "a number"),
-    "activation.negative_slope": NON_NEGATIVE,
-    "activation.alpha": POSITIVE,
-    "activation.lower": NON_NEGATIVE,
-    "activation.upper": NON_NEGATIVE,
-    "activation.init": (number, "a number"),
-    "activation.beta": POSITIVE,
-    "activation.approximate": (one_of("none", "tanh"), "none or tanh"),
-    "norm.position": (one_of("before", "after"), "before or after (the activation)"),
-    "norm.momentum": (num(0, 1, lo_open=True), "a number in (0, 1]: the weight of each new batch"),
-    "norm.eps": POSITIVE,
-    "norm.input": BOOL,
-    "optimizer.lr": POSITIVE,
-    "optimizer.momentum": UNIT,
-    "optimizer.nesterov": BOOL,
-    "optimizer.betas": (lambda v: is_list(num(0, 1, hi_open=True), 2)(v) and len(v) == 2,
-                        "two numbers in [0, 1), e.g. [0.9,0.999]"),
-    "optimizer.alpha": UNIT,
-    "optimizer.eps": POSITIVE,
-    "optimizer.weight_decay": NON_NEGATIVE,
-    "optimizer.initial_accumulator_value": NON_NEGATIVE,
-    "optimizer.learning_rate_power": (num(hi=0), "a number <= 0 (Keras: -0.5)"),
-    "optimizer.l1": NON_NEGATIVE,
-    "optimizer.l2": NON_NEGATIVE,
-    "optimizer.l2_shrinkage": NON_NEGATIVE,
-    "optimizer.beta": NON_NEGATIVE,
-    "optimizer.clip_value": OPT_POSITIVE,
-    "optimizer.clip_norm": OPT_POSITIVE,
-    "schedule.warmup_steps": (int_min(0), "an integer >= 0"),
-    "schedule.s": POSITIVE,
-    "schedule.c": NON_NEGATIVE,
-    "schedule.unit": (one_of("step", "epoch"), "step or epoch (what t counts in lr0 * 0.1^(t/s))"),
-    "schedule.boundaries": (lambda v: is_list(int_min(1), 1)(v) and list(v) == sorted(set(v)),
-                            "a list of increasing epoch numbers >= 1, e.g. [5,15]"),
-    "schedule.values": (is_list(num(0, lo_open=True), 2), "a list of learning rates > 0, one more than boundaries"),
-    "schedule.factor": (num(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
-    "schedule.patience": (int_min(0), "an integer >= 0"),
-    "schedule.min_lr": NON_NEGATIVE,
-    "schedule.max_lr": POSITIVE,
-    "schedule.div_factor": (num(1), "a number >= 1"),
-    "schedule.final_div_factor": (num(1), "a number >= 1"),
-    "schedule.pct_rise": (num(0, 0.5, lo_open=True, hi_open=True), "a number in (0, 0.5)"),
-    "schedule.min_delta": NON_NEGATIVE,
-    "schedule.cycle_momentum": BOOL,
-    "schedule.base_momentum": UNIT,
-    "schedule.max_momentum": UNIT,
-    "regularizer.l1": NON_NEGATIVE,
-    "regularizer.l2": NON_NEGATIVE,
-    "regularizer.max_norm": POSITIVE,
-    "trainer.epochs": (lambda v: integer(v) and 1 <= v <= MAX_EPOCHS, f"an integer from 1 to {MAX_EPOCHS:,}"),
-    "trainer.batch_size": (int_min(1), "an integer >= 1"),
-    "trainer.device": (device_ok, "auto, cpu, cuda, cuda:N or mps"),
-    "trainer.threads": (lambda v: v == "auto" or int_min(1)(v), "auto or an integer >= 1"),
-    "trainer.seed": (integer, "an integer"),
-    "trainer.deterministic": BOOL,
-    "trainer.resume": BOOL,
-    "trainer.precision": (one_of("fp32", "bf16"), "fp32 or bf16"),
-    "trainer.compile": BOOL,
-    "trainer.native": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
-    "trainer.early_stopping.monitor": (one_of(None, "val_loss", "val_acc"), "val_loss, val_acc or null (off)"),
-    "trainer.early_stopping.patience": (int_min(0), "an integer >= 0"),
-    "trainer.early_stopping.restore_best_weights": BOOL,
-    "trainer.checkpoint_every": (int_min(0), "an integer >= 0 (0: only last and best)"),
-    "trainer.keep_checkpoints": (optional(int_min(1)), "null (keep all) or an integer >= 1"),
-    "trainer.limit_batches": (optional(int_min(1)), "null or an integer >= 1"),
-    "trainer.overfit_batches": (optional(int_min(1)), "null or an integer >= 1"),
-    "trainer.progress": BOOL,
-    "pretrain.kind": (one_of("autoencoder", "same_digit"), "autoencoder or same_digit"),
-    "pretrain.greedy": BOOL,
-    "pretrain.epochs": (int_min(1), "an integer >= 1"),
-    "pretrain.head_units": (int_min(1), "an integer >= 1"),
-    "pretrain.noise": NON_NEGATIVE,
-    "diagnostics.enabled": BOOL,
-    "diagnostics.every": (int_min(1), "an integer >= 1 (record every N training steps)"),
-    "diagnostics.saturation_margin": (num(0, 0.5, lo_open=True, hi_open=True), "a number in (0, 0.5)"),
-    "diagnostics.histograms": BOOL,
-    "transfer.source": (optional(lambda v: isinstance(v, str) and v != ""), "null or a run directory or checkpoint"),
-    "transfer.reuse_layers": (lambda v: v == "all" or int_min(1)(v), "all or an integer >= 1"),
-    "transfer.freeze": BOOL,
-    "transfer.cache": BOOL,
-    "transfer.unfreeze_top": (lambda v: v == "all" or int_min(0)(v), "all or an integer >= 0"),
-    "transfer.unfreeze_lr_factor": (num(0, lo_open=True), "a number > 0 (usually below 1)"),
-    "transfer.frozen_epochs": (optional(int_min(1)), "null or an integer >= 1"),
-}
-for _kind in ("dropout", "alpha_dropout"):
-    RULES[f"regularizer.{_kind}.rate"] = RATE
-    RULES[f"regularizer.{_kind}.top_k"] = (optional(int_min(1)), "null (all hidden layers) or an integer >= 1")
-    RULES[f"regularizer.{_kind}.input"] = BOOL
 
 
 def walk(node, path: str = ""):
@@ -205,7 +55,7 @@ def check_targets(cfg: DictConfig) -> None:
 
 
 def check_device(value: str, key: str = "trainer.device") -> None:
-    if not device_ok(value):
+    if not schema.device_ok(value):
         raise bad_value(key, value, "auto, cpu, cuda, cuda:N or mps")
     if value.startswith("cuda"):
         count = torch.cuda.device_count()
@@ -238,6 +88,9 @@ def check(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.transfer, "source"):
         raise DnnlabError("transfer.source is required here: a run directory or checkpoint to reuse, e.g. "
                           "transfer.source=outputs/2026-01-01/12-00-00")
+    for key in schema.MOVED:  # a config file of the user's own, written before the move
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            raise DnnlabError(schema.moved(key))
     check_values(cfg)
     check_targets(cfg)
     check_device(cfg.trainer.device)
@@ -245,10 +98,11 @@ def check(cfg: DictConfig) -> None:
 
 
 def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
-    for key, (ok, allowed) in RULES.items():
+    """Every declared key the config has is of its type and allowed (its range, its choices)."""
+    for key, (hint, allowed) in schema.declarations().items():
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
-        if key not in skip and value is not _ABSENT and not ok(value):
-            raise bad_value(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, allowed)
+        if key not in skip and value is not _ABSENT and not (conforms(hint, value) and allowed(value)):
+            raise bad_value(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, allowed.text)
 
 
 # What a saved config needs, and the keys that describe the machine it was trained on rather than the network.

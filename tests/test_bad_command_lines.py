@@ -24,8 +24,12 @@ CASES = [  # (command line, with {run} a finished run, {text} a text file, {fold
     ('train optimizer.lr=-0.1', 'optimizer.lr=-0.1 is not allowed'),
     ('train optimizer=momentum optimizer.momentum=1.0', 'optimizer.momentum=1.0 is not allowed'),
     ('train optimizer.betas=[0.9,1.2]', 'optimizer.betas=[0.9, 1.2] is not allowed'),
-    ('train optimizer.clip_norm=0', 'optimizer.clip_norm=0 is not allowed'),
-    ('train optimizer.clip_value=-1', 'optimizer.clip_value=-1 is not allowed'),
+    ('train trainer.clip_norm=0', 'trainer.clip_norm=0 is not allowed'),
+    ('train trainer.clip_value=-1', 'trainer.clip_value=-1 is not allowed'),
+    # a key that moved: where it is now, not Hydra's advice or the nearest name
+    ('train optimizer.clip_norm=1.0', 'optimizer.clip_norm is now trainer.clip_norm: trainer.clip_norm=1.0'),
+    ('train -m +optimizer.clip_value=0.5,1', 'optimizer.clip_value is now trainer.clip_value: '
+                                           'trainer.clip_value=0.5,1'),
     ('train optimizer.weight_decay=-1', 'optimizer.weight_decay=-1 is not allowed'),
     ('train optimizer=rmsprop optimizer.alpha=1.5', 'optimizer.alpha=1.5 is not allowed'),
     ('train optimizer.eps=0', 'optimizer.eps=0 is not allowed'),

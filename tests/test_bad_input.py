@@ -28,7 +28,7 @@ CATALOGUE = [  # (overrides, what the line must contain)
     ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
     ("optimizer=momentum optimizer.momentum=1.0", "optimizer.momentum=1.0"),
     ("optimizer.betas=[0.9,1.2]", "optimizer.betas=[0.9, 1.2]"),
-    ("optimizer.clip_norm=0", "optimizer.clip_norm=0"),
+    ("trainer.clip_norm=0", "trainer.clip_norm=0"),
     ("regularizer=dropout regularizer.dropout.rate=1.0", "regularizer.dropout.rate=1.0 is not allowed: a rate in [0, 1)"),
     ("regularizer=dropout regularizer.dropout.rate=-0.1", "regularizer.dropout.rate=-0.1"),
     ("regularizer=l2 regularizer.l2=-1", "regularizer.l2=-1"),
@@ -360,6 +360,27 @@ def test_a_key_no_job_takes_is_refused(argv, expected):
     with pytest.raises(DnnlabError) as info:
         check_command_line("train", argv)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [["optimizer.clip_norm=1.0"], ["+optimizer.clip_norm=1.0"],
+                                  ["++optimizer.clip_norm=1.0"], ["-m", "optimizer.clip_norm=0.5,1.0"],
+                                  ["--cfg", "job", "optimizer.clip_norm=1.0"], ["~optimizer.clip_norm"]])
+def test_a_command_line_from_before_clipping_moved_is_told_where_it_is(argv):
+    """optimizer.clip_value/clip_norm are trainer.clip_value/clip_norm now: one line saying so, however it is
+    written (Hydra would advise a + for one, and add another unread to the optimizer's arguments)."""
+    from dnnlab.hydra_guard import check_command_line
+
+    with pytest.raises(DnnlabError) as info:
+        check_command_line("train", argv)
+    assert str(info.value).startswith("optimizer.clip_norm is now trainer.clip_norm: ") and "\n" not in str(info.value)
+
+
+def test_a_config_file_from_before_clipping_moved_is_told_where_it_is(make_cfg, run_dir):
+    """An optimizer config of the user's own that still sets clip_norm (as dnnlab's did) is refused in one line,
+    not handed to torch as an argument."""
+    with pytest.raises(DnnlabError, match=r"^optimizer.clip_norm is now trainer.clip_norm$"):
+        train(make_cfg("+optimizer.clip_norm=1.0"), run_dir)
+    assert_untouched(run_dir)
 
 
 def test_every_command_line_of_the_readme_and_the_presets_passes_the_key_check():

@@ -150,7 +150,7 @@ def test_stronger_l1_makes_more_exact_zeros_in_a_network(make_cfg):
 
 
 def test_config_option_builds_with_keras_defaults(make_cfg):
-    cfg = make_cfg("optimizer=ftrl", "optimizer.clip_norm=1.0")
+    cfg = make_cfg("optimizer=ftrl", "trainer.clip_norm=1.0")
     opt = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
     assert type(opt) is Ftrl
     assert opt.defaults == {"lr": 0.001, "learning_rate_power": -0.5, "initial_accumulator_value": 0.1, "l1": 0.0,

@@ -253,7 +253,7 @@ def rows(run_dir):
 
 
 @pytest.mark.parametrize("overrides", [[], ["regularizer=dropout", "optimizer=nesterov", "schedule=1cycle"],
-                                       ["regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0"]])
+                                       ["regularizer=l1_l2", "+regularizer.max_norm=1.0", "trainer.clip_norm=1.0"]])
 def test_training_natively_matches_autograd(make_cfg, tmp_path, overrides):
     fast = train(make_cfg(*overrides), tmp_path / "native")
     slow = train(make_cfg(*overrides, "trainer.native=false"), tmp_path / "autograd")
@@ -284,7 +284,7 @@ class _Alternating:
     # (torch 2.4's AdamW is no Adam subclass: not fused through flat_adam.DirectStep, so not in the C++ step either)
     (["+regularizer.max_norm=1.0", "optimizer=adamw", "optimizer.weight_decay=0.01"],
      issubclass(torch.optim.AdamW, torch.optim.Adam)),
-    (["regularizer=l1_l2", "+regularizer.max_norm=1.0", "optimizer.clip_norm=1.0"], False)])
+    (["regularizer=l1_l2", "+regularizer.max_norm=1.0", "trainer.clip_norm=1.0"], False)])
 def test_the_update_threads_change_no_metric(make_cfg, tmp_path, monkeypatch, overrides, in_cpp):
     """The optimizer's update of the flat parameters may switch between the job's cores and one thread from step to
     step (threads=auto), or run on the one thread asked for; the metrics are the same, the matrix products keep

@@ -72,14 +72,14 @@ def test_every_optimizer_option_has_an_expectation():
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_builds_with_the_books_defaults(make_cfg, name):
-    cfg = make_cfg(f"optimizer={name}", "optimizer.clip_value=0.5", "optimizer.clip_norm=1.0", *SMALL)
+    cfg = make_cfg(f"optimizer={name}", "trainer.clip_value=0.5", "trainer.clip_norm=1.0", *SMALL)
     model = small_model(cfg)
     opt = build_optimizer(cfg.optimizer, list(model.parameters()), CPU)
     cls, defaults = EXPECTED[name]
     assert type(opt) is cls
     for key, value in defaults.items():
         assert opt.defaults[key] == pytest.approx(value), key
-    assert not {"clip_value", "clip_norm"} & set(opt.defaults)  # dnnlab's own keys, never torch arguments
+    assert not {"clip_value", "clip_norm"} & set(opt.defaults)  # the trainer's, never torch arguments
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
     backward(model)
@@ -204,7 +204,7 @@ def test_max_norm_radius_is_configurable_and_off_by_default(make_cfg):
 # --- (d) gradient clipping ---
 
 def test_clip_value_bounds_every_component(make_cfg):
-    cfg = make_cfg("optimizer.clip_value=0.001", *SMALL)
+    cfg = make_cfg("trainer.clip_value=0.001", *SMALL)
     model = small_model(cfg)
     backward(model, scale=10.0)
     plain = grads(model)
@@ -219,7 +219,7 @@ def global_norm(gs) -> float:
 
 
 def test_clip_norm_rescales_the_whole_gradient(make_cfg):
-    cfg = make_cfg("optimizer.clip_norm=0.5", *SMALL)
+    cfg = make_cfg("trainer.clip_norm=0.5", *SMALL)
     model = small_model(cfg)
     backward(model, scale=100.0)
     plain = grads(model)
@@ -232,7 +232,7 @@ def test_clip_norm_rescales_the_whole_gradient(make_cfg):
 
 
 def test_clip_norm_leaves_a_small_gradient_unchanged(make_cfg):
-    cfg = make_cfg("optimizer.clip_norm=1000.0", *SMALL)
+    cfg = make_cfg("trainer.clip_norm=1000.0", *SMALL)
     model = small_model(cfg)
     backward(model)
     plain = grads(model)
@@ -358,8 +358,7 @@ def test_direct_step_updates_exactly_as_optimizer_step(target, kwargs, packed, o
     end."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"_target_": target, "_partial_": True, "lr": 0.01, "eps": 1e-7, "fused": True,
-                            "clip_value": None, "clip_norm": None, **kwargs})
+    cfg = OmegaConf.create({"_target_": target, "_partial_": True, "lr": 0.01, "eps": 1e-7, "fused": True, **kwargs})
     torch.manual_seed(0)
     a = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(3, 9, requires_grad=True)]
     b = [p.detach().clone().requires_grad_() for p in a]

@@ -153,6 +153,38 @@ def test_a_finished_run_resumed_changes_no_metric(make_cfg, tmp_path):
     assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"]
 
 
+def test_a_run_saved_before_clipping_moved_resumes_evaluates_and_reports(make_cfg, tmp_path):
+    """Checkpoints and run folders written when clipping was optimizer.clip_value/clip_norm: on load the keys move
+    to the trainer section, so the run resumes (the same config as the command's), evaluates and reports."""
+    import yaml
+
+    from dnnlab import checkpoint, stored
+    from dnnlab.trained import load_trained
+
+    def old_style(data: dict) -> dict:
+        for key in ("clip_value", "clip_norm"):
+            data["optimizer"][key] = data["trainer"].pop(key)
+        return data
+
+    first = train(make_cfg("trainer.clip_norm=1.0"), tmp_path)
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
+        state = checkpoint.load(path)
+        old = old_style(yaml.safe_load(state["config"]))
+        state["config"] = yaml.safe_dump(old, sort_keys=False)
+        checkpoint.save(path, state)
+    again = train(make_cfg("trainer.clip_norm=1.0"), tmp_path)  # not "a different config"
+    assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"]
+    saved = stored.checkpoint_config(checkpoint.load(tmp_path / "checkpoints" / "last.pt"), "last.pt")
+    assert saved.trainer.clip_norm == 1.0 and saved.trainer.clip_value is None and "clip_norm" not in saved.optimizer
+    assert load_trained(tmp_path, with_data=False).cfg.trainer.clip_norm == 1.0  # the checks of `dnnlab eval`
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "config.yaml").write_text(yaml.safe_dump(old))
+    (hydra / "overrides.yaml").write_text(yaml.safe_dump(["optimizer.clip_norm=1.0", "+optimizer.clip_value=0.5"]))
+    assert stored.read_mapping(hydra / "config.yaml")["trainer"]["clip_norm"] == 1.0
+    assert stored.overrides(tmp_path) == ["trainer.clip_norm=1.0", "+trainer.clip_value=0.5"]
+
+
 def files(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -41,8 +41,8 @@ VARIANTS = {
     "init scale 1": ["init.scale=1.0"],
     "init glorot uniform": ["init=glorot_uniform"],
     "sgd momentum": ["optimizer=momentum", "optimizer.lr=0.01"],
-    "1cycle, clip norm": ["schedule=1cycle", "optimizer.clip_norm=0.5"],
-    "exponential, clip value": ["schedule=exponential", "schedule.s=20", "optimizer.clip_value=0.01"],
+    "1cycle, clip norm": ["schedule=1cycle", "trainer.clip_norm=0.5"],
+    "exponential, clip value": ["schedule=exponential", "schedule.s=20", "trainer.clip_value=0.01"],
     "max-norm 1": ["regularizer=max_norm"],
 }
 METRIC_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -333,7 +333,7 @@ needs_native = pytest.mark.skipif(native.available() != "", reason=f"native step
 def test_the_native_stack_and_the_autograd_stack_agree(make_cfg, tmp_path):
     named = {"seed 1": ["trainer.seed=1"], "dropout, lr": ["regularizer=dropout", "regularizer.dropout.input=true",
                                                             "optimizer.lr=0.003"],
-             "l2, clip": ["regularizer=l2", "optimizer.clip_norm=0.5", "trainer.seed=4"]}
+             "l2, clip": ["regularizer=l2", "trainer.clip_norm=0.5", "trainer.seed=4"]}
     out = {}
     for setting in ("auto", "false"):
         cfgs = [make_cfg(f"trainer.native={setting}", *o) for o in named.values()]

@@ -295,7 +295,7 @@ class StackedLauncher(Launcher):
                     ret.return_value, ret.status = summary, JobStatus.FAILED
                     continue
                 if summary is not None and summary["status"] == "diverged":
-                    error(f"diverged at {summary['reason']}; try a lower optimizer.lr, optimizer.clip_norm=1.0 or "
+                    error(f"diverged at {summary['reason']}; try a lower optimizer.lr, trainer.clip_norm=1.0 or "
                           "another init")
                 ret.return_value = math.nan if summary is None else objective(summary)
                 ret.status = JobStatus.COMPLETED

@@ -89,8 +89,9 @@ def network(cfg: dict, n_classes: int) -> keras.Sequential:
     return keras.Sequential(layers)
 
 
-def optimizer(o: dict, lr):
-    name, clip = o["_target_"].split(".")[-1], {"clipvalue": o.get("clip_value"), "clipnorm": o.get("clip_norm")}
+def optimizer(o: dict, t: dict, lr):
+    """Keras' optimizer for the optimizer section `o`, with the trainer section `t`'s gradient clipping."""
+    name, clip = o["_target_"].split(".")[-1], {"clipvalue": t.get("clip_value"), "clipnorm": t.get("clip_norm")}
     clip = {k: v for k, v in clip.items() if v is not None}
     if name == "SGD":
         return keras.optimizers.SGD(lr, momentum=o["momentum"], nesterov=o.get("nesterov", False), **clip)
@@ -162,7 +163,7 @@ def twin(run: Path) -> dict:
     steps = -(-len(data["train"][0]) // t["batch_size"])
     lr, callbacks = schedule(cfg, steps)
     model = network(cfg, int(data["test"][1].max()) + 1)
-    model.compile(optimizer(cfg["optimizer"], lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer(cfg["optimizer"], t, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(*data["train"], batch_size=t["batch_size"], epochs=t["epochs"], verbose=2,
                         validation_data=data["val"], callbacks=callbacks)
     test_loss, test_acc = model.evaluate(*data["test"], verbose=0)
