@@ -167,7 +167,7 @@ def training_rules(cfg: DictConfig, model, device, steps_per_epoch: int):
     """The configured optimizer (over the trainable parameters), regularizers and schedule."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, trainable, device)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(model, cfg.regularizer, cfg.trainer)
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.epochs * steps_per_epoch, steps_per_epoch)
     return optimizer, rules, schedule
 

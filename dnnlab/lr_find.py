@@ -58,11 +58,12 @@ class RangeTest:
     stopped: str | None = None  # why it ended before `planned` steps, if it did
 
 
-def range_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt_cfg: DictConfig, reg_cfg: DictConfig,
+def range_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig,
                *, batch_size: int, min_lr: float, max_lr: float, steps: int, smoothing: float = 0.98,
                diverge_factor: float | None = 4.0, generator: torch.Generator | None = None, autocast=None,
                progress=None) -> RangeTest:
-    """Train on (x, y) with an exponentially growing learning rate; the model's weights, buffers and mode are
+    """Train on (x, y) with an exponentially growing learning rate, with the optimizer, penalties and clipping `cfg`
+    (a dnnlab training config) sets; the model's weights, buffers and mode are
     restored exactly afterwards (also when the loss diverges or an exception flies)."""
     if not 0 < min_lr < max_lr:
         raise bad_value("lr_find.max_lr", max_lr, f"a number above lr_find.min_lr ({min_lr}), which must be > 0")
@@ -72,8 +73,9 @@ def range_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt_cfg
     per_pass = max(1, steps_per_epoch(len(x), batch_size))
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(opt_cfg, trainable, x.device, lr=min_lr)
-        step = choose_step(model, x, y, optimizer, GradientRules(model, reg_cfg, opt_cfg), autocast=autocast)
+        optimizer = build_optimizer(cfg.optimizer, trainable, x.device, lr=min_lr)
+        rules = GradientRules(model, cfg.regularizer, cfg.trainer)
+        step = choose_step(model, x, y, optimizer, rules, autocast=autocast)
         model.train()
         average, best = 0.0, math.inf
         for t, idx in batches(len(x), batch_size, per_pass, steps, generator, x.device):
@@ -210,7 +212,7 @@ def lr_find(cfg: DictConfig, run_dir: Path, parallel_jobs: int = 1) -> dict:
     with rp.Progress(rp.TextColumn("lr-find"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
                      console=console, disable=not t.progress, transient=True) as bar:
         task = bar.add_task("lr-find", total=steps)
-        result = range_test(model, data.x_train, data.y_train, cfg.optimizer, cfg.regularizer, batch_size=bs,
+        result = range_test(model, data.x_train, data.y_train, cfg, batch_size=bs,
                             min_lr=s.min_lr, max_lr=s.max_lr, steps=steps, smoothing=s.smoothing,
                             diverge_factor=s.diverge_factor, generator=generator, autocast=autocast,
                             progress=lambda i: bar.update(task, completed=i))

@@ -174,12 +174,18 @@ class Stack:
                     h = dropout(i + 1, h)
         return h
 
-    def apply_rules(self, rules: JobRules, after: bool = False) -> None:
-        """rules.before_step on every job's gradients, or (after the update) rules.after_step on the hidden kernels."""
-        if after:
-            rules.after_step([w.detach() for w in self.weights[:-1]])
-        else:
-            rules.before_step([w.detach() for w in self.weights], self.grad_w, self.grads())
+    def apply_rules(self, rules: list[JobRules], after: bool = False) -> None:
+        """Each job's rules (in the stack's order) on its own slices: before_step on its gradients, or (after the
+        update) after_step on its hidden kernels, whose columns hold a neuron's incoming weights here."""
+        if not any(r.max_norm is not None if after else r.change_gradients for r in rules):
+            return
+        kernels, kernel_grads = [w.detach().unbind(0) for w in self.weights], [g.unbind(0) for g in self.grad_w]
+        grads = self.job_grads()
+        for k, r in enumerate(rules):
+            if after:
+                r.after_step([w[k] for w in kernels[:-1]], neuron_dim=1)
+            elif r.change_gradients:
+                r.before_step([w[k] for w in kernels], [g[k] for g in kernel_grads], grads[k])
 
     def native_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor, dropout: Dropout,
                     loss_sum: torch.Tensor, correct: torch.Tensor, update: tuple[list, list] | None = None
@@ -216,9 +222,9 @@ class Stack:
 
 # --------------------------------------------------------------------------------------------------- the training
 
-def job_rules(jobs: list[Job], device) -> JobRules:
-    """Each job's own L1/L2, clipping and max-norm, as columns over the stack (rebuilt when the stack shrinks)."""
-    return JobRules([j.cfg.regularizer for j in jobs], [j.cfg.optimizer for j in jobs], device)
+def job_rules(jobs: list[Job]) -> list[JobRules]:
+    """Each job's own L1/L2, clipping and max-norm, in the stack's order (rebuilt when the stack shrinks)."""
+    return [JobRules(j.cfg.regularizer, j.t) for j in jobs]
 
 
 class Dropout:

@@ -171,7 +171,7 @@ class _Group:
                            kernel and (kernel.activation, kernel.act_args))
         self.kernels = {2 * i for i in range(self.stack.n_layers)}  # positions of the weight matrices in parameters()
         self.stepper = Stepper(order, self.stack, self.device)
-        self.rules = job_rules(order, self.device)
+        self.rules = job_rules(order)
         self.dropout = Dropout(order, [self.drop_generators[job.index] for job in order],
                                n_hidden=self.stack.n_layers - 1)
 
@@ -197,13 +197,13 @@ class _Group:
         self.stack.keep(positions)
         self.stepper.keep(positions, self.stack.jobs, self.stack)
         self.dropout.keep(positions)
-        self.rules = job_rules(self.stack.jobs, self.device)
+        self.rules = job_rules(self.stack.jobs)
 
     def train_step(self, idx: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor):
         """One step of every job in the stack: their losses (a list from the C++ step, else a tensor)."""
         stack, data = self.stack, self.data
         set_lr(stack.jobs, self.stepper.optimizers, self.schedules, self.step)
-        fits = stack.kernel and not self.rules.change_gradients and native.update_in_step()
+        fits = stack.kernel and not any(r.change_gradients for r in self.rules) and native.update_in_step()
         update = self.stepper.fused() if fits else None
         if stack.kernel:
             losses = stack.native_step(data.x_train, data.y_train, idx, self.dropout, loss_sum, correct, update)

@@ -280,7 +280,7 @@ def run_phase(run: Run, phase: int, name: str, lr0: float, epochs: int, progress
     """Train one phase's epochs (until early stopping, a signal, divergence or pruning): (status, reason)."""
     net, train_net, x_train, x_val, step_plan = begin_phase(run, phase, name, lr0, epochs)
     position = run.resume["position"] if run.resume is not None and phase == run.resume["phase"] else None
-    rules = GradientRules(run.model, run.cfg.regularizer, run.cfg.optimizer)
+    rules = GradientRules(run.model, run.cfg.regularizer, run.cfg.trainer)
     status, reason, spe = "completed", None, run.steps_per_epoch
     try:
         while run.phase_epochs < epochs and not run.stopper.should_stop:

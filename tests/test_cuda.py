@@ -51,7 +51,7 @@ def test_an_epoch_on_cuda_reads_the_metrics_once(make_cfg):
     torch.manual_seed(0)
     model = build_mlp(cfg, data.n_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, list(model.parameters()), device)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(model, cfg.regularizer, cfg.trainer)
     steps = len(data.x_train) // 32
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, steps, steps)
     generator = torch.Generator(device=device).manual_seed(0)

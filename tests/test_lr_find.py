@@ -39,7 +39,7 @@ def test_weights_buffers_and_mode_are_restored_exactly(make_cfg, extra):
     model.eval()
     before = copy.deepcopy(model.state_dict())
     x, y = toy()
-    result = range_test(model, x, y, cfg.optimizer, cfg.regularizer, batch_size=32, min_lr=1e-4, max_lr=1.0,
+    result = range_test(model, x, y, cfg, batch_size=32, min_lr=1e-4, max_lr=1.0,
                         steps=20, diverge_factor=None)
     assert len(result.lrs) == 20 and result.stopped is None
     assert same_state(before, model.state_dict())  # weights and BatchNorm's running statistics
@@ -54,7 +54,7 @@ def test_the_test_really_trains_in_between(make_cfg):
     torch.manual_seed(0)
     model = build_mlp(cfg, 10)
     x, y = toy()
-    result = range_test(model, x, y, cfg.optimizer, cfg.regularizer, batch_size=32, min_lr=0.01, max_lr=0.5,
+    result = range_test(model, x, y, cfg, batch_size=32, min_lr=0.01, max_lr=0.5,
                         steps=40, diverge_factor=None)
     assert result.smoothed[-1] < result.smoothed[0]  # the loss fell: the weights did change during the test
 
@@ -65,7 +65,7 @@ def test_stops_when_the_smoothed_loss_diverges_and_still_restores(make_cfg):
     model = build_mlp(cfg, 10)
     before = copy.deepcopy(model.state_dict())
     x, y = toy()
-    result = range_test(model, x, y, cfg.optimizer, cfg.regularizer, batch_size=32, min_lr=1e-3, max_lr=1e6,
+    result = range_test(model, x, y, cfg, batch_size=32, min_lr=1e-3, max_lr=1e6,
                         steps=200, diverge_factor=4.0)
     assert result.stopped is not None and len(result.lrs) < 200
     finite = [s for s in result.smoothed if math.isfinite(s)]
@@ -79,7 +79,7 @@ def test_stops_on_a_non_finite_loss(make_cfg):
     model = build_mlp(cfg, 10)
     before = copy.deepcopy(model.state_dict())
     x, y = toy()
-    result = range_test(model, x, y, cfg.optimizer, cfg.regularizer, batch_size=32, min_lr=1e10, max_lr=1e30,
+    result = range_test(model, x, y, cfg, batch_size=32, min_lr=1e10, max_lr=1e30,
                         steps=50, diverge_factor=None)  # no ratio test: only the non-finite loss can stop it
     assert "the loss is" in result.stopped and not math.isfinite(result.losses[-1]) and len(result.lrs) < 50
     assert same_state(before, model.state_dict())
@@ -95,7 +95,7 @@ def test_an_exception_mid_test_still_restores(make_cfg):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        range_test(model, x, y, cfg.optimizer, cfg.regularizer, batch_size=32, min_lr=1e-3, max_lr=1.0, steps=60,
+        range_test(model, x, y, cfg, batch_size=32, min_lr=1e-3, max_lr=1.0, steps=60,
                    progress=boom)
     assert same_state(before, model.state_dict())
 

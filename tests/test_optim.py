@@ -104,15 +104,15 @@ def test_fused_falls_back_to_foreach_on_other_devices(make_cfg):
 # --- (b) L1 / L2 penalties as gradient terms ---
 
 def strengths(rules: GradientRules, *names: str) -> tuple[float, ...]:
-    """The model's one job's strengths in its JobRules (0 where the rule is off)."""
-    return tuple(0.0 if getattr(rules.rules, n) is None else getattr(rules.rules, n).item() for n in names)
+    """The network's strengths in its JobRules (0 where the rule is off)."""
+    return tuple(getattr(rules.rules, n) or 0.0 for n in names)
 
 
 @pytest.mark.parametrize("reg,l1,l2", [("l2", 0.0, 0.01), ("l1", 0.01, 0.0), ("l1_l2", 0.01, 0.01)])
 def test_penalties_add_exactly_their_gradient_to_weight_matrices(make_cfg, reg, l1, l2):
     cfg = make_cfg(f"regularizer={reg}", *SMALL)
     model = small_model(cfg)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(model, cfg.regularizer, cfg.trainer)
     assert strengths(rules, "l1", "l2") == pytest.approx((l1, l2))
     backward(model)
     plain = grads(model)
@@ -132,7 +132,7 @@ def test_penalties_equal_autograd_of_the_explicit_penalty(make_cfg, reg, l1, l2)
     cfg = make_cfg(f"regularizer={reg}", *([f"regularizer.l1={l1}"] if l1 else []),
                    *([f"regularizer.l2={l2}"] if l2 else []), *SMALL)
     model = small_model(cfg)
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(model, cfg.regularizer, cfg.trainer)
     backward(model)
     rules.before_step()
     via_rules = grads(model)
@@ -151,7 +151,7 @@ def test_no_penalty_leaves_gradients_alone(make_cfg):
     model = small_model(cfg)
     backward(model)
     plain = grads(model)
-    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).before_step()
     assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
 
 
@@ -169,7 +169,7 @@ def test_max_norm_caps_every_hidden_neurons_incoming_weights(make_cfg):
     before = [m.weight.detach().clone() for m in hidden]
     out_before = out.weight.detach().clone()
     assert all((w.norm(dim=1) > 1).sum() > 0 for w in before)
-    GradientRules(model, cfg.regularizer, cfg.optimizer).after_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).after_step()
     for m, w0 in zip(hidden, before):
         norms, norms0 = m.weight.norm(dim=1), w0.norm(dim=1)
         assert torch.all(norms <= 1.0 + 1e-6)
@@ -192,12 +192,12 @@ def test_max_norm_holds_after_real_training_steps(make_cfg, tmp_path):
 def test_max_norm_radius_is_configurable_and_off_by_default(make_cfg):
     cfg = make_cfg("regularizer=max_norm", "regularizer.max_norm=0.3", *SMALL)
     model = small_model(cfg)
-    GradientRules(model, cfg.regularizer, cfg.optimizer).after_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).after_step()
     assert all(torch.all(m.weight.norm(dim=1) <= 0.3 + 1e-6) for m in linears(model)[:-1])
     plain_cfg = make_cfg(*SMALL)
     plain = small_model(plain_cfg)
     w0 = [m.weight.detach().clone() for m in linears(plain)]
-    GradientRules(plain, plain_cfg.regularizer, plain_cfg.optimizer).after_step()
+    GradientRules(plain, plain_cfg.regularizer, plain_cfg.trainer).after_step()
     assert all(torch.equal(m.weight, w) for m, w in zip(linears(plain), w0))
 
 
@@ -209,7 +209,7 @@ def test_clip_value_bounds_every_component(make_cfg):
     backward(model, scale=10.0)
     plain = grads(model)
     assert max(g.abs().max() for g in plain.values()) > 0.01
-    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).before_step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[name].clamp(-0.001, 0.001), rtol=0, atol=0)
 
@@ -225,7 +225,7 @@ def test_clip_norm_rescales_the_whole_gradient(make_cfg):
     plain = grads(model)
     total = global_norm(plain.values())
     assert total > 5
-    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).before_step()
     assert global_norm(p.grad for p in model.parameters()) == pytest.approx(0.5, rel=1e-4)
     for name, p in model.named_parameters():  # one factor for all: the direction is kept
         torch.testing.assert_close(p.grad, plain[name] * (0.5 / total), rtol=1e-4, atol=1e-8)
@@ -236,7 +236,7 @@ def test_clip_norm_leaves_a_small_gradient_unchanged(make_cfg):
     model = small_model(cfg)
     backward(model)
     plain = grads(model)
-    GradientRules(model, cfg.regularizer, cfg.optimizer).before_step()
+    GradientRules(model, cfg.regularizer, cfg.trainer).before_step()
     assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
 
 
@@ -318,7 +318,7 @@ def test_regularizer_list_combines_l2_and_dropout(make_cfg):
     assert cfg.regularizer.l2 == 0.01 and cfg.regularizer.dropout.rate == 0.2
     model = small_model(cfg)
     assert kinds(model).count("Dropout") == 2
-    rules = GradientRules(model, cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(model, cfg.regularizer, cfg.trainer)
     model.eval()  # no dropout noise, so the gradient is the same before and after
     backward(model)
     plain = grads(model)
@@ -330,7 +330,7 @@ def test_regularizer_list_combines_l2_and_dropout(make_cfg):
 
 def test_regularizer_list_combines_max_norm_and_l1(make_cfg):
     cfg = make_cfg("regularizer=[l1,max_norm]", *SMALL)
-    rules = GradientRules(small_model(cfg), cfg.regularizer, cfg.optimizer)
+    rules = GradientRules(small_model(cfg), cfg.regularizer, cfg.trainer)
     assert strengths(rules, "l1", "max_norm") == pytest.approx((0.01, 1.0))
 
 
