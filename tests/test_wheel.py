@@ -79,8 +79,9 @@ def test_wheel_ships_the_configs(wheel):
         assert any(n.startswith(f"dnnlab/conf/{group}/") for n in names), group
     assert "dnnlab/__main__.py" in names and "dnnlab/cli.py" in names
     assert "dnnlab/fast/csrc/mlp_step.cpp" in names  # the native step's source, compiled where the wheel runs
+    assert "dnnlab/fast/__init__.py" in names and "dnnlab/fast/native.py" in names
     plugin = {f"hydra_plugins/dnnlab_optuna_sweeper/{m}.py"
-              for m in ("__init__", "config", "optuna_sweeper", "_sweep", "_space")}
+              for m in ("__init__", "config", "optuna_sweeper", "_sweep", "_space", "_settings", "_study", "_trials")}
     assert plugin <= names and "dnnlab/trial.py" in names, sorted(plugin - names)
     assert "hydra_plugins/__init__.py" not in names  # a namespace package shared with Hydra's plugins
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

@@ -1,5 +1,5 @@
-"""Speed-only code, in one place. Nothing here changes a number a run reports, and each part falls back to the plain
-torch way, against which the tests check it:
+"""Speed-only code, in one place. Each part falls back to the plain torch way, against which the tests check it
+(the same numbers, or up to float rounding for torch.compile, which may reorder sums):
 
 - `native`: the C++ training step for plain MLPs on the CPU (and for a stack of them), built once per machine;
   the fallback is autograd (told at INFO with its reason).
@@ -8,8 +8,9 @@ torch way, against which the tests check it:
 - `forward`: the layers' forward methods in a loop, and `trainer.compile`; the fallback is the network itself.
 - `threads`: ThreadTuner, which checks all cores against one while training.
 
-A run asks for all of them with one call, `speed_up`, once per phase; `dnnlab.steps` then builds the step from what
-it returns. A stack (dnnlab.stacked) asks `native_plan` for the C++ stack step.
+A run asks for them with one call, `speed_up`, once per phase; `dnnlab.steps` builds the step from what it returns
+(and takes the flat update and forward pass from `flat_adam` and `forward`, as diagnose and lr-find do too). A stack
+(dnnlab.stacked) asks `native_plan` for the C++ stack step.
 """
 from __future__ import annotations
 

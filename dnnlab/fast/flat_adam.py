@@ -20,11 +20,10 @@ def fusable(optimizer: torch.optim.Optimizer) -> bool:
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
     """The kernel that a fused Adam/AdamW step ends in, with `group`'s current hyperparameters (the caller has
     already counted the step in `steps`)."""
-    beta1, beta2 = group["betas"]
-    kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
-    kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=float(beta1),
-           beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-           grad_scale=None, found_inf=None)
+    lr, beta1, beta2, weight_decay, eps, decoupled, maximize = adam_settings(group)
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+           weight_decay=weight_decay, eps=eps, maximize=bool(maximize), grad_scale=None, found_inf=None)
 
 
 def adam_settings(group: dict) -> list[float]:

@@ -5,7 +5,7 @@ is autograd's graph and Python's per-operation overhead. The C++ step runs autog
 MKL's matrix products without either (and without ATen's overhead per product), which halves a default epoch. It is
 used where it computes what autograd would: see `plan` for the networks it takes. Elsewhere, or where no C++ compiler
 is available, training takes the autograd path. The same library holds the step of a stacked sweep
-(dnnlab::stack_step, used by dnnlab/stacked.py): every job's step in one call, the jobs spread over the threads.
+(dnnlab::stack_step, called by dnnlab/stack.py): every job's step in one call, the jobs spread over the threads.
 The step also takes Adam's update where that gives torch's own numbers on this torch (`update_in_step`).
 
 The library is built once per machine, source text and torch version (about 10 s; `python -m dnnlab.fast.native` builds

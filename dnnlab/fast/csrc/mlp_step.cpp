@@ -8,14 +8,14 @@
 // gradients are written into preallocated tensors (the parameters' .grad), so any torch optimizer can take the
 // step afterwards.
 //
-// With the optimizer's flat state (dnnlab/optim.py), mlp_step also takes the Adam/AdamW update, with the arithmetic of
+// With the optimizer's flat state (dnnlab/fast/flat_adam.py), mlp_step also takes the Adam/AdamW update, with the arithmetic of
 // torch's fused CPU kernel, element for element (tested bit for bit): at batch 32 the Python and dispatch around a
 // separate update call cost about 5 % of the step, and the gradients are still in the cache here.
 //
 // dnnlab::stack_step: the same step (and update) for a stack of jobs of one shape (a stacked sweep), the jobs spread
 // over the threads.
 //
-// Built on first use by dnnlab/native.py (torch.utils.cpp_extension); per-operator headers keep that to seconds.
+// Built on first use by dnnlab/fast/native.py (torch.utils.cpp_extension); per-operator headers keep that to seconds.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
