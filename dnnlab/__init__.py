@@ -6,9 +6,3 @@ __version__ = "0.1.0"
 # Installed from a wheel, the configs ship inside the package; in a source checkout they sit beside it.
 _HERE = Path(__file__).resolve().parent
 CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf"
-
-# The sections' schema nodes into Hydra's ConfigStore before any config is composed, in any process (a launcher's
-# workers too): the YAML options extend them (dnnlab.schema).
-from dnnlab.schema import register  # noqa: E402
-
-register()

@@ -4,7 +4,8 @@ conf_pretrain/ sits beside conf/ (in a source checkout, and inside the package i
 that `dnnlab train --help` and tab completion, which list every group under conf/, do not offer the pretrain group
 that only `dnnlab pretrain` takes: pretrain_app.yaml adds the folder to its hydra.searchpath, and lists its groups
 in its help with `${dnnlab.groups:pretrain}`. Every module that composes an app's config imports this one, which
-registers the resolvers; it imports no torch (tab completion).
+registers the resolvers and puts the sections' schema nodes (dnnlab.schema), which the YAML options extend, into
+Hydra's ConfigStore; it imports no torch (tab completion).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dnnlab import CONF_DIR
+from dnnlab import CONF_DIR, schema  # noqa: F401  its import puts the schema nodes into ConfigStore
 
 
 def conf_dir(command: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dnnlab import CONF_DIR
+from dnnlab import CONF_DIR, conf_dirs  # noqa: F401  conf_dirs: what composing needs
 from dnnlab.checkpoint import atomic_write
 from dnnlab.ui import print_rows
 

@@ -314,3 +314,7 @@ def register() -> None:
     for name, classes in SECTIONS.items():
         for cls in classes if name not in OPEN else ():
             ConfigStore.instance().store(name=stored_name(cls), node=node(cls))
+
+
+# At import: a config composed elsewhere and pickled (a launcher's workers) holds these nodes' classes.
+register()

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dnnlab import CONF_DIR, hydra_files
+from dnnlab import CONF_DIR, conf_dirs, hydra_files  # noqa: F401  conf_dirs: what composing needs
 from dnnlab.errors import DnnlabError
 from dnnlab.record import write_json
 from dnnlab.trainer import train

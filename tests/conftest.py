@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dnnlab import CONF_DIR
+from dnnlab import CONF_DIR, conf_dirs  # noqa: F401  conf_dirs: what composing needs
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # this project's workspace and CI
 REAL = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
