@@ -28,6 +28,7 @@ CASES = [  # (command line, with {run} a finished run, {text} a text file, {fold
     ('train trainer.clip_value=-1', 'trainer.clip_value=-1 is not allowed'),
     # a key that moved: where it is now, not Hydra's advice or the nearest name
     ('train optimizer.clip_norm=1.0', 'optimizer.clip_norm is now trainer.clip_norm: trainer.clip_norm=1.0'),
+    ('train ~trainer.early_stopping', '~trainer.early_stopping is not allowed: the keys of trainer are fixed'),
     ('train -m +optimizer.clip_value=0.5,1', 'optimizer.clip_value is now trainer.clip_value: '
                                            'trainer.clip_value=0.5,1'),
     ('train optimizer.weight_decay=-1', 'optimizer.weight_decay=-1 is not allowed'),

@@ -324,7 +324,7 @@ def test_an_override_that_does_not_parse_is_named(override, expected):
     ["-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log, interval(1e-4, 1e-1))", "optimizer=choice(adam,nadam)"],
     ["-m", "hydra/launcher=joblib", "++hydra.launcher.pre_dispatch=4", "+hydra.job.env_set.X=1", "optimizer=adam,sgd"],
     ["-m", "optimizer=sgd,no_such_optimizer"],  # a sweep's option: that job fails on its own, the others run
-    ["--cfg", "job", "++trainer.epochs=3", "~trainer.early_stopping"],
+    ["--cfg", "job", "++trainer.epochs=3", "~optimizer.weight_decay"],  # a torch argument (trainer keys: refused)
     # a sweep's components only, not the group's default (Adam) that no job has; glob(...) over the options
     ["-m", "optimizer=sgd,momentum", "+optimizer.dampening=0.1"],
     ["-m", "optimizer=glob(sgd)", "+optimizer.nesterov=true"],
