@@ -23,6 +23,8 @@ COMMANDS = {
     "prune": ("dnnlab.sparsity", "main", None, "RUN: weight sparsity, and accuracy against magnitude pruning (PNG)"),
     "latency": ("dnnlab.latency", "main", None,
                 "RUN: single-image and batched inference latency in fp32, bf16, int8 (fp16 on CUDA)"),
+    "export": ("dnnlab.export", "main", None,
+               "RUN --format safetensors|torchscript|onnx: the network in a standard format, checked on the test split"),
     "report": ("dnnlab.report", "main", None, "DIR: a table (CSV, Markdown, PNG plots) of a run or a sweep"),
     "reproduce": ("dnnlab.reproduce", "main", None,
                   "rerun every number chapter 11's notebooks print, beside the book's (--list, --only, --seeds)"),

@@ -13,6 +13,9 @@ OPTIONS = {
     "hydra/launcher/joblib": (("hydra_plugins.hydra_joblib_launcher", "joblib"), "joblib"),
     **{f"hydra/launcher/{name}": SUBMITIT for name in ("slurm", "submitit_slurm", "submitit_local")},
 }
+# dnnlab export --format: (the modules it imports, dnnlab's extra that installs them)
+EXPORT_FORMATS = {"safetensors": (("safetensors",), "export"),
+                  "onnx": (("onnx", "onnxscript", "onnxruntime"), "export")}
 
 
 def missing(modules: tuple[str, ...]) -> str | None:
