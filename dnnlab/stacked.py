@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dnnlab import activations, checkpoint, memory, validate
+from dnnlab import activations, checkpoint, hparams, memory, validate
 from dnnlab.bookkeeping import checkpoint_state, end_epoch, evaluate, steps_per_epoch, summary_fields
 from dnnlab.data import load
 from dnnlab.model import build_mlp
@@ -377,6 +377,7 @@ def _finish(job: Job, model: nn.Module, data, device, threads: int, n_jobs: int,
         "resumed": False, "training_step": how, "stacked": {"jobs": n_jobs, "position": job.index},
     }
     write_json(job.run_dir / "summary.json", summary)
+    hparams.write(job.cfg, job.run_dir, summary)  # as `dnnlab train` writes it: the job's row in the HParams table
     if rows:
         job.recorder.plot(rows, job.cfg, steps_per_epoch, summary["best_epoch"], curves)
     return summary

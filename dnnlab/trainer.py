@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dnnlab import checkpoint, hydra_files, stored, transfer
+from dnnlab import checkpoint, hparams, hydra_files, stored, transfer
 from dnnlab.bookkeeping import (Diverged, EarlyStopping, checkpoint_state, end_epoch, evaluate, steps_per_epoch,
                                 summary_fields)
 from dnnlab.data import Splits
@@ -336,6 +336,7 @@ def finish(run: Run, status: str, reason: str | None) -> dict:
     if run.reused:
         summary["transfer"] = {**run.reused, "cache_seconds": run.cache_seconds}
     write_json(run.run_dir / "summary.json", summary)
+    hparams.write(run.cfg, run.run_dir, summary)  # TensorBoard's HParams table: settings beside final metrics
     if run.rows:
         run.recorder.plot(run.rows, run.cfg, run.steps_per_epoch, summary["best_epoch"])
     print_summary(summary, run.run_dir)
