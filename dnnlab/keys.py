@@ -253,10 +253,6 @@ def check_keys(known: Known, overrides: list[Override], kinds: tuple[OverrideTyp
         key = o.key_or_group
         if key in MOVED:  # a command line from before the move: where the key is now, not the nearest name
             raise DnnlabError(f"{moved(key)}: {o.input_line.lstrip('+').replace(key, MOVED[key], 1)}")
-        section = key.split(".")[0]
-        if o.is_delete() and section not in OPEN and section in SECTIONS:  # Hydra's schema nodes refuse it
-            raise DnnlabError(f"{o.input_line} is not allowed: the keys of {section} are fixed (dnnlab/schema.py); "
-                              f"set {key} to a value instead")
         known.load(key.split(".")[0])
         missing = known.unknown(key, jobs.components)
         if missing:
@@ -265,6 +261,10 @@ def check_keys(known: Known, overrides: list[Override], kinds: tuple[OverrideTyp
             missing = known.unknown(key, jobs.components)
         if missing:
             raise refusal(key, *missing)
+        section = key.split(".")[0]
+        if o.is_delete() and section not in OPEN and section in SECTIONS:  # Hydra's schema nodes refuse it
+            raise DnnlabError(f"{o.input_line} is not allowed: the keys of {section} are fixed (dnnlab/schema.py); "
+                              f"set {key} to a value instead")
         unchosen = known.elsewhere(key, jobs)
         if unchosen:
             raise not_chosen(o.input_line.lstrip("+~"), *unchosen)
