@@ -32,6 +32,15 @@ def pytest_sessionstart(session) -> None:
             raise pytest.UsageError(f"DNNLAB_REQUIRE_NATIVE is set but the native step is unavailable: {reason}")
 
 
+# The files whose tests take longest (a quick benchmark, the real-data reproductions): first, so that pytest-xdist,
+# which hands tests out in collection order, does not leave one worker on them while the other has nothing left.
+LONGEST_FIRST = ("test_bench.py", "test_real_data.py", "test_reproduce.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array in the IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, data."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
