@@ -35,16 +35,16 @@ def _noise(key: str) -> bool:
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in NOISE)
 
 
-def from_overrides(cfg: DictConfig, items: list[str]) -> dict:
-    """{key: value} of the overrides that define the run. A key that names a config value gets the value as the
-    run used it (0.001 as a float); a group choice (optimizer=nadam) or a deletion keeps the override's text."""
+def from_overrides(cfg: DictConfig, items: dict[str, str]) -> dict:
+    """{key: value} of the overrides that define the run (stored.override_values). A key that names a config value
+    gets the value as the run used it (0.001 as a float); a group choice (optimizer=nadam) or a deletion keeps the
+    override's text."""
     out = {}
-    for item in items:
-        key, _, text = item.lstrip("+~").partition("=")
+    for key, text in items.items():
         if _noise(key):
             continue
         value = OmegaConf.select(cfg, key, default=None) if "/" not in key else None
-        out[key] = _scalar(value) if isinstance(value, (bool, int, float, str)) else text or "(deleted)"
+        out[key] = _scalar(value) if isinstance(value, (bool, int, float, str)) else text
     return out
 
 
@@ -64,9 +64,9 @@ def collect(cfg: DictConfig, run_dir: Path, summary: dict) -> tuple[dict, dict]:
     """(hparams, metrics) of a finished run: its settings, its overrides (.hydra/overrides.yaml: a run started from
     Python has none) and its status; the summary's final numbers (NaN where it has none)."""
     try:
-        items = stored.overrides(run_dir) or []
+        items = stored.override_values(run_dir) or {}
     except (OSError, ValueError, DnnlabError):
-        items = []
+        items = {}
     hparams = {**settings(cfg), **from_overrides(cfg, items), "status": str(summary.get("status"))}
     metrics = {}
     for key in METRICS:

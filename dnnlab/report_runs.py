@@ -87,22 +87,6 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
-def parse_override(text: str) -> tuple[str, str]:
-    """'optimizer.lr=0.01' -> ('optimizer.lr', '0.01'); '+key=v' and '++key=v' -> key; '~key' -> (key, 'deleted')."""
-    key, _, value = text.partition("=")
-    if key.startswith("~"):
-        return key[1:], "deleted"
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        value = value[1:-1]
-    return key.lstrip("+").strip(), value
-
-
-def read_overrides(folder: Path) -> dict[str, str] | None:
-    items = stored.overrides(folder)
-    return None if items is None else dict(parse_override(i) for i in items)
-
-
 def read_rows(path: Path) -> list[dict]:
     rows = read_metrics(path)
     if rows and not {"epoch", "val_acc"} <= rows[0].keys():
@@ -115,7 +99,7 @@ def load_run(folder: Path, root: Path, now: float) -> Run:
     name = folder.relative_to(root).as_posix() if folder != root else folder.resolve().name
     problems, overrides, summary, rows = [], None, {}, []
     try:
-        overrides = read_overrides(folder)
+        overrides = stored.override_values(folder)
     except (OSError, ValueError, UnicodeDecodeError, DnnlabError) as e:
         problems.append(f".hydra/overrides.yaml ({type(e).__name__})")
     summary_path, metrics_path = folder / "summary.json", folder / "metrics.csv"

@@ -73,6 +73,23 @@ def overrides(run_dir: Path) -> list[str] | None:
     return [upgraded_override(i) for i in items]
 
 
+def parse_override(text: str) -> tuple[str, str]:
+    """'optimizer.lr=0.01' -> ('optimizer.lr', '0.01'); '+key=v' and '++key=v' -> key; '~key' -> (key, 'deleted')."""
+    key, _, value = text.partition("=")
+    if key.startswith("~"):
+        return key[1:], "deleted"
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.lstrip("+").strip(), value
+
+
+def override_values(run_dir: Path) -> dict[str, str] | None:
+    """{key: its text} of the overrides a run was started with (see overrides), or None where Hydra wrote none."""
+    items = overrides(run_dir)
+    return None if items is None else dict(parse_override(i) for i in items)
+
+
 def read_mapping(path: Path):
     """read() of a file that must hold a mapping or a list (a .hydra file); anything else is an error, so that no
     string is parsed again by OmegaConf (which would expand its aliases)."""
