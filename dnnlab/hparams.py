@@ -11,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dnnlab import stored
 from dnnlab.errors import DnnlabError
+from dnnlab.record import UNSHOWN
 
 log = logging.getLogger("dnnlab")
 
-# overrides that change no result, or only say where a trial reports to: not hyperparameters
-NOISE = ("hydra", "trainer.progress", "trainer.device", "data.root", "trial.study", "trial.storage", "trial.metric",
-         "trial.direction", "trial.pruner")
+# overrides that change no result (record.UNSHOWN), say where the data or device is, or where a trial reports to
+NOISE = (*UNSHOWN, "trainer.device", "data.root", "trial.study", "trial.storage", "trial.metric", "trial.direction",
+         "trial.pruner")
 SETTINGS = ("optimizer._target_", "optimizer.lr", "activation._target_", "norm.kind", "schedule._target_",
             "trainer.batch_size", "trainer.epochs", "trainer.seed")
 METRICS = ("val_acc", "val_loss", "test_acc", "test_loss", "epochs")

@@ -25,7 +25,7 @@ from dnnlab.errors import DnnlabError
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 LR_POINTS_PER_EPOCH = 100  # per-step learning rates kept: ~5 kB of TensorBoard events per epoch at most
-UNSHOWN = ("hydra", "trainer.progress")  # overrides that change no result: not in the title
+UNSHOWN = ("hydra", "trainer.progress")  # overrides that change no result: not in the title (nor in HParams)
 TITLE_WIDTH, TITLE_LINES = 150, 3  # learning_curves.png's title: characters per line at 11 pt, lines at most
 
 

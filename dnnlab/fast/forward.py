@@ -8,18 +8,24 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(net: nn.Module) -> bool:
+    """Whether a hook would run in net(x): one of its modules' own, or one registered for every module."""
+    return (any(getattr(torch_module, f"_global{name}") for name in HOOKS)
+            or any(getattr(m, name) for m in net.modules() for name in HOOKS))
+
+
 def flat_forward(net: nn.Module):
     """net's forward as a loop over its layers' own forward methods, or None where that could differ from net(x).
     It skips nn.Module.__call__ (its hook checks cost a few microseconds a module, a twentieth of a default
     training step on the CPU), so it is used only for plain nn.Sequential nesting without any hooks (dnnlab's
     diagnostics register some)."""
-    if any(getattr(torch_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                    "_global_backward_hooks", "_global_backward_pre_hooks")):
+    if has_hooks(net):
         return None
     layers = []
     for m in net.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
         if m._modules:
             if type(m).forward is not nn.Sequential.forward:  # a container that does more than chain its layers
                 return None

@@ -39,6 +39,7 @@ from torch import nn
 
 from dnnlab import activations
 from dnnlab.fast import flat_adam
+from dnnlab.fast.forward import has_hooks
 from dnnlab.errors import DnnlabError
 from dnnlab.transfer import Frozen
 
@@ -73,10 +74,10 @@ def plan(net: nn.Module) -> tuple[Plan | None, str]:
     (None, why not). It takes [Flatten] [Dropout] (Linear -> activation [-> Dropout])* -> Linear with an activation
     that has a kernel (dnnlab.activations), float32 on the CPU, biases everywhere, frozen layers only at the bottom,
     and no hooks."""
+    if has_hooks(net):
+        return None, "a module has hooks"
     linears, acts, dropout, pending = [], [], [], 0.0
     for m in net.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None, "a module has hooks"
         if m._modules:
             if type(m) not in (nn.Sequential, Frozen):
                 return None, f"{type(m).__name__} is not a plain container"
