@@ -118,7 +118,7 @@ class Stack:
         self.grad_w, self.grad_b = grads[0::2], grads[1::2]
         self.per_job = sum(p.shape[1:].numel() for p in self.params())
         self.plain = [w.detach() for w in self.weights], [b.detach() for b in self.biases]
-        self.batch = None
+        self.batch, self.rule_views = None, None
 
     def grads(self) -> list[torch.Tensor]:
         """Interleaved like params()."""
@@ -179,8 +179,10 @@ class Stack:
         update) after_step on its hidden kernels, whose columns hold a neuron's incoming weights here."""
         if not any(r.max_norm is not None if after else r.change_gradients for r in rules):
             return
-        kernels, kernel_grads = [w.detach().unbind(0) for w in self.weights], [g.unbind(0) for g in self.grad_w]
-        grads = self.job_grads()
+        if self.rule_views is None:  # views of the stack's buffers: valid until the stack changes (_buffers)
+            self.rule_views = ([w.detach().unbind(0) for w in self.weights], [g.unbind(0) for g in self.grad_w],
+                               self.job_grads())
+        kernels, kernel_grads, grads = self.rule_views
         for k, r in enumerate(rules):
             if after:
                 r.after_step([w[k] for w in kernels[:-1]], neuron_dim=1)
